@@ -1,0 +1,61 @@
+"""Baseline for bench/ingest.py: a bare aiohttp server, one handler.
+
+It checks the webhook signature exactly as SPEC 5 asks (`X-Router-Timestamp`,
+`X-Router-Signature: sha256=<hex HMAC-SHA256(secret, "<ts>." + body)>`, at
+most 5 minutes of skew) and answers 202; no parsing, no queue, no store. The
+secret comes from the BENCH_SECRET environment variable (not argv, so it is
+not visible in `ps`).
+
+    BENCH_SECRET=s python bench/bare_handler.py --port 8090
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import time
+
+from aiohttp import web
+
+MAX_SKEW_S = 300
+ACCEPTED = {"message_id": None, "conversation_ref": None}
+
+
+def signature_ok(secret: bytes, timestamp: str, signature: str, body: bytes) -> bool:
+    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > MAX_SKEW_S:
+        return False
+    digest = hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest("sha256=" + digest, signature)
+
+
+def make_app(secret: bytes) -> web.Application:
+    async def inbound(request: web.Request) -> web.Response:
+        body = await request.read()
+        headers = request.headers
+        stamp = headers.get("X-Router-Timestamp", "")
+        if not signature_ok(secret, stamp, headers.get("X-Router-Signature", ""), body):
+            return web.json_response({"error": {"code": "bad_signature", "message": "no"}}, status=401)
+        return web.json_response(ACCEPTED, status=202)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    app = web.Application()
+    app.router.add_post("/channels/{name}/inbound", inbound)
+    app.router.add_get("/readyz", ready)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    secret = os.environ["BENCH_SECRET"].encode()
+    web.run_app(make_app(secret), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The one seam every channel plugs into.
+
+An adapter turns outside traffic into `Message`s and hands each to a `Sink`,
+which returns only once the message is durably queued; only then may the
+adapter acknowledge it upstream (IMAP flag, Telegram offset, HTTP 202). It
+sends outbound messages, raising `TemporaryFailure` (retry, maybe after a
+delay) or `PermanentFailure` (give up). It knows nothing of queues, teams or
+routing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from router.model import Accepted, Conversation, Message
+
+
+class Sink(Protocol):
+    async def __call__(self, message: Message) -> Accepted: ...
+
+
+class ChannelSettings(BaseModel):
+    """Each adapter's own keys of its `[[channels]]` table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Channel(ABC):
+    type: ClassVar[str]
+    Settings: ClassVar[type[ChannelSettings]]
+    max_text_length: ClassVar[int | None] = None
+    pulls_outbound: bool = False
+    """True when the customer's client fetches replies (webhook pull mode),
+    so the outbox leaves its messages for the client to collect."""
+
+    def __init__(self, name: str, settings: ChannelSettings, state_dir: Path) -> None:
+        self.name = name
+        self.settings = settings
+        self.state_dir = state_dir
+
+    async def open(self, sink: Sink) -> None:
+        """Start receiving. Push channels only keep the sink for their routes."""
+        self.sink = sink
+
+    async def close(self) -> None:  # noqa: B027 - channels without resources need nothing here
+        """Stop taking input; idempotent."""
+
+    @abstractmethod
+    async def send(self, message: Message, conversation: Conversation) -> str:
+        """Deliver one outbound message; return the channel's id for it."""
+
+    @abstractmethod
+    async def check(self) -> str:
+        """Connect for `channels test`: a short OK detail, or raise
+        TemporaryFailure/PermanentFailure with the reason."""

@@ -1,0 +1,1 @@
+"""Shipped rules, templates and the example config; installed as `router.shipped`."""

@@ -1,0 +1,5 @@
+"""`python -m router` is `support-router`."""
+
+from router.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""What agents do, shared by the HTTP API and the CLI so both behave alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from router import routing
+from router.config import Config
+from router.errors import Conflict, NotFound
+from router.model import (
+    Agent,
+    Conversation,
+    Delivery,
+    DeliveryStatus,
+    Direction,
+    Event,
+    InboxQuery,
+    Kind,
+    Message,
+    Party,
+    Presence,
+    Status,
+    Urgency,
+    new_id,
+    utcnow,
+)
+from router.store import Store
+
+MAX_REPLY_CHARS = 50_000
+
+
+class Desk:
+    def __init__(self, store: Store, config: Config, clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.settings = config.settings
+        self.clock = clock
+
+    async def conversation(self, id_or_ref: str) -> Conversation:
+        conversation = await self.store.get_conversation(id_or_ref)
+        if conversation is None:
+            raise NotFound(f"no conversation {id_or_ref!r}")
+        return conversation
+
+    async def reply(self, id_or_ref: str, agent: Agent, text: str) -> Message:
+        """Queue an agent's reply to go out through the customer's channel."""
+        if not text.strip():
+            raise ValueError("text: must not be empty")
+        if len(text) > MAX_REPLY_CHARS:
+            raise ValueError(f"text: longer than {MAX_REPLY_CHARS} characters")
+        conversation = await self.conversation(id_or_ref)
+        history = await self.store.conversation_messages(conversation.id)
+        customer = [m for m in history if m.direction is Direction.IN]
+        message_id = new_id("m")
+        reply = Message(
+            id=message_id,
+            channel=conversation.channel,
+            channel_type=customer[-1].channel_type if customer else "",
+            direction=Direction.OUT,
+            kind=Kind.AGENT,
+            external_id=message_id,
+            sender=Party(id=agent.name, name=agent.name),
+            text=text,
+            received_at=self.clock(),
+            conversation_id=conversation.id,
+            subject=conversation.subject,
+            language=customer[-1].language if customer else None,
+            recipient=conversation.customer,
+            in_reply_to=customer[-1].external_id if customer else None,
+            author=agent.name,
+            delivery=Delivery(),
+        )
+        stored = await self.store.enqueue_outbound(reply)
+        await self.store.publish(Event("message.created", stored.to_dict()))
+        await self._updated(conversation.id)
+        return stored
+
+    async def assign(self, id_or_ref: str, agent_name: str | None) -> Conversation:
+        conversation = await self.conversation(id_or_ref)
+        if agent_name is not None and await self.store.get_agent(agent_name) is None:
+            raise NotFound(f"no agent {agent_name!r}")
+        claimed = await self.store.claim_conversation(conversation.id, agent_name, conversation.assignee)
+        if claimed is None:
+            raise Conflict("the conversation was reassigned meanwhile; reload and try again")
+        await self._updated(conversation.id)
+        return claimed
+
+    async def set_status(self, id_or_ref: str, status: Status) -> Conversation:
+        conversation = await self.conversation(id_or_ref)
+        updated = await self.store.update_conversation(conversation.id, status=status)
+        await self._updated(conversation.id)
+        return updated
+
+    async def set_urgency(self, id_or_ref: str, urgency: Urgency, agent: Agent) -> Conversation:
+        """An agent's judgement overrides triage, and says so in the reason."""
+        conversation = await self.conversation(id_or_ref)
+        reason = f"set to {urgency.value} by {agent.name} (triage: {conversation.reason})"
+        updated = await self.store.update_conversation(
+            conversation.id,
+            urgency=urgency,
+            reason=reason,
+            first_response_due=conversation.created_at + self.settings.sla.target(urgency),
+        )
+        await self._updated(conversation.id)
+        return updated
+
+    async def set_presence(self, name: str, presence: Presence) -> list[Conversation]:
+        """Going away hands back every conversation still waiting for its
+        first response, and the team strategy reassigns it. Returns those."""
+        await self.store.set_presence(name, presence)
+        if presence is Presence.AVAILABLE:
+            return []
+        moved: list[Conversation] = []
+        for status in (Status.OPEN, Status.PENDING):
+            cursor: str | None = None
+            waiting: list[Conversation] = []
+            while True:
+                page = await self.store.list_conversations(
+                    InboxQuery(status=status, assignee=name, limit=500, cursor=cursor)
+                )
+                waiting += [c for c in page.conversations if c.first_response_at is None]
+                if not (cursor := page.next_cursor):
+                    break
+            for conversation in waiting:
+                released = await self.store.claim_conversation(conversation.id, None, name)
+                if released is not None:
+                    moved.append(await routing.assign(self.store, self.settings, released))
+                    await self._updated(conversation.id)
+        return moved
+
+    async def retry_delivery(self, message_id: str) -> Message:
+        message = await self.store.get_message(message_id)
+        if message is None or message.delivery is None:
+            raise NotFound(f"no outbound message {message_id!r}")
+        if message.delivery.status not in (DeliveryStatus.FAILED, DeliveryStatus.DEAD):
+            raise Conflict(
+                f"message is {message.delivery.status.value}; only failed or dead ones are retried"
+            )
+        stored = await self.store.record_delivery(message_id, Delivery(next_attempt_at=self.clock()))
+        await self.store.publish(Event("message.delivery", stored.to_dict()))
+        return stored
+
+    async def _updated(self, conversation_id: str) -> None:
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is not None:
+            await self.store.publish(Event("conversation.updated", conversation.to_dict()))

@@ -1,0 +1,93 @@
+"""Delivery of acks and agent replies through the customer's channel.
+
+Durable: every outbound message is in the store before anyone tries to send
+it. Temporary failures retry with exponential backoff and full jitter, capped
+at `outbox.backoff_max`, until `outbox.max_attempts` makes the message
+`dead`; permanent failures mark it `failed` at once. The delivery id (the
+message id) is the same on every try, so receivers can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from channels.base import Channel
+from router import metrics
+from router.config import Config, parse_duration
+from router.errors import PermanentFailure, TemporaryFailure
+from router.model import Delivery, DeliveryStatus, Event, Message, utcnow
+from router.store import Store
+
+log = logging.getLogger(__name__)
+BASE_DELAY_S = 1.0
+CLAIM_BATCH = 32
+VISIBILITY_S = 120.0
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        channels: dict[str, Channel],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.channels = channels
+        self.max_attempts = config.settings.outbox.max_attempts
+        self.backoff_max = parse_duration(config.settings.outbox.backoff_max)
+        self.clock = clock
+        self.push = [name for name, channel in channels.items() if not channel.pulls_outbound]
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Full jitter: uniform in [0, min(cap, base * 2^(attempts-1))]."""
+        ceiling = min(self.backoff_max.total_seconds(), BASE_DELAY_S * 2 ** (attempts - 1))
+        return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.deliver_due(block_s=0.5)
+
+    async def deliver_due(self, block_s: float = 0) -> int:
+        """Send whatever is due now; returns how many were tried."""
+        if not self.push:
+            await asyncio.sleep(block_s)
+            return 0
+        batch = await self.store.claim_outbound(self.push, self.clock(), CLAIM_BATCH, VISIBILITY_S, block_s)
+        await asyncio.gather(*(self.deliver(message) for message in batch))
+        return len(batch)
+
+    async def deliver(self, message: Message) -> Message:
+        conversation = await self.store.get_conversation(message.conversation_id or "")
+        channel = self.channels.get(message.channel)
+        attempts = (message.delivery.attempts if message.delivery else 0) + 1
+        try:
+            if conversation is None or channel is None:
+                raise PermanentFailure(f"no channel {message.channel!r} or conversation for this message")
+            await channel.send(message, conversation)
+            delivery = Delivery(DeliveryStatus.SENT, attempts)
+        except TemporaryFailure as exc:
+            delivery = self._retry_or_die(attempts, exc)
+        except PermanentFailure as exc:
+            delivery = Delivery(DeliveryStatus.FAILED, attempts, exc.reason)
+        except Exception as exc:
+            log.exception("channel %s raised while sending %s", message.channel, message.id)
+            delivery = self._retry_or_die(attempts, TemporaryFailure(f"{type(exc).__name__}: {exc}"))
+        stored = await self.store.record_delivery(message.id, delivery)
+        metrics.OUTBOUND.labels(message.channel, delivery.status.value).inc()
+        if delivery.status is not DeliveryStatus.SENT:
+            log.warning("delivery of %s: %s (%s)", message.id, delivery.status.value, delivery.error)
+        await self.store.publish(Event("message.delivery", stored.to_dict()))
+        return stored
+
+    def _retry_or_die(self, attempts: int, exc: TemporaryFailure) -> Delivery:
+        if attempts >= self.max_attempts:
+            return Delivery(DeliveryStatus.DEAD, attempts, exc.reason)
+        delay = self.backoff(attempts)
+        if exc.retry_after_s is not None:
+            delay = max(delay, timedelta(seconds=exc.retry_after_s))
+        return Delivery(DeliveryStatus.QUEUED, attempts, exc.reason, self.clock() + delay)

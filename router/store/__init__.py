@@ -1,0 +1,216 @@
+"""The Store: one interface, chosen by URL scheme (`sqlite://`, `redis://`).
+
+Every method is one atomic, idempotent step, so the pipeline can crash
+between any two of them and simply run the message again (at least once
+processing, SPEC 6 promise 2). The contract is written down once here and
+tested once, in tests/test_store_contract.py, against every implementation.
+
+Blocking reads (`claim_inbound`, `claim_outbound`) wait up to `block_s` for
+work, the way Redis XREADGROUP BLOCK does, so workers need no sleep loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from datetime import datetime
+from typing import Any, Protocol
+
+from router.model import (
+    Accepted,
+    Agent,
+    Conversation,
+    DeadLetter,
+    Delivery,
+    Event,
+    InboxQuery,
+    Message,
+    Page,
+    Presence,
+    Threaded,
+)
+
+
+class Store(Protocol):
+    display_url: str
+    """The store URL with any password masked: safe to log."""
+
+    async def open(self) -> None:
+        """Connect and create the schema; idempotent."""
+
+    async def close(self) -> None:
+        """Flush pending writes and disconnect; idempotent."""
+
+    async def ping(self) -> None:
+        """Raise StoreError when the store cannot serve (backs /readyz)."""
+
+    # -- inbound queue ---------------------------------------------------
+
+    async def enqueue_inbound(self, message: Message) -> Accepted:
+        """Store and queue an inbound message once per (channel, external_id).
+
+        Returns only when the message is durable. A repeat returns the first
+        message's id and its conversation ref (None while untriaged) with
+        `duplicate=True`, and queues nothing."""
+
+    async def claim_inbound(
+        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
+    ) -> list[Message]:
+        """Take up to `limit` queued messages, most urgent first, then oldest.
+
+        Claimed messages are invisible to other consumers for `visibility_s`;
+        if not completed by then they are handed out again. The claiming
+        consumer gets its unfinished ones back at once, so a worker restarted
+        under the same name resumes its work without waiting that long."""
+
+    async def complete_inbound(self, message_id: str) -> None:
+        """Remove a handled message from the queue."""
+
+    async def fail_inbound(self, message_id: str, error: str, max_attempts: int) -> bool:
+        """Record a failed attempt; at `max_attempts` move the message to the
+        dead letters (with its payload and the error) and return True, else
+        hand it out again at once. False too for a message not in the queue."""
+
+    async def inbound_backlog(self) -> int:
+        """Messages queued or claimed but not completed."""
+
+    # -- dead letters ----------------------------------------------------
+
+    async def add_dead_letter(self, channel: str, payload: str, error: str) -> DeadLetter:
+        """Keep raw input a channel could not turn into a Message."""
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        """Oldest first."""
+
+    async def retry_dead_letter(self, dead_id: str) -> bool:
+        """Put a dead-lettered message back on the inbound queue with its
+        attempts reset; False when there is no such dead letter or it holds
+        raw input rather than a stored message."""
+
+    # -- messages and conversations --------------------------------------
+
+    async def get_message(self, message_id: str) -> Message | None: ...
+
+    async def find_message(self, channel: str, external_id: str) -> Message | None: ...
+
+    async def update_message(self, message: Message) -> None:
+        """Persist a message's changed tags (triage ran, text edited); raises NotFound."""
+
+    async def thread_message(self, message: Message, new: Conversation) -> Threaded:
+        """Attach an inbound message to its conversation, atomically.
+
+        The conversation is the latest one on (new.channel, new.thread_key).
+        If it is open or pending the message joins it (`Conversation.absorb`);
+        otherwise `new` absorbs the message and is created with the next ref
+        (`T-000001`, ...), and `previous_ref` names the closed one. Idempotent:
+        a message already attached returns its conversation with
+        `created=False`. Raises NotFound for a message never enqueued."""
+
+    async def get_conversation(self, id_or_ref: str) -> Conversation | None: ...
+
+    async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
+        """Set plain fields (status, urgency, category, reason, team, acked,
+        first_response_due); raises NotFound."""
+
+    async def claim_conversation(
+        self, conversation_id: str, agent: str | None, expected: str | None
+    ) -> Conversation | None:
+        """Compare-and-set the assignee: only when it is still `expected`.
+        Returns the updated conversation, or None when someone else won;
+        raises NotFound."""
+
+    async def list_conversations(self, query: InboxQuery) -> Page:
+        """Conversations in inbox order (Conversation.sort_key), paged by an
+        opaque cursor; `status=None` means every status. Raises ValueError
+        for a cursor it did not give out."""
+
+    async def conversation_messages(self, conversation_id: str) -> list[Message]:
+        """Every message of a conversation, inbound and outbound, oldest first."""
+
+    async def open_counts(self, agents: list[str]) -> dict[str, int]:
+        """Open or pending conversations per assignee, for least_open."""
+
+    async def next_counter(self, name: str) -> int:
+        """Atomic increment from 1, for round robin pointers."""
+
+    # -- outbox ------------------------------------------------------------
+
+    async def enqueue_outbound(self, message: Message) -> Message:
+        """Store an outbound message and queue its delivery; idempotent on
+        `message.id`. Counts it in its conversation's `message_count`, and an
+        agent reply sets `first_response_at` when it is not set yet. Returns
+        the stored message (with its queue `seq`). Raises NotFound when its
+        conversation does not exist."""
+
+    async def claim_outbound(
+        self, channels: list[str], now: datetime, limit: int, visibility_s: float, block_s: float = 0
+    ) -> list[Message]:
+        """Queued outbound messages of these channels whose next attempt is
+        due, oldest first; invisible to others for `visibility_s`."""
+
+    async def record_delivery(self, message_id: str, delivery: Delivery) -> Message:
+        """Store a delivery outcome; a queued one is retried at
+        `delivery.next_attempt_at`, sent/failed/dead leave the queue."""
+
+    async def outbound_after(self, channel: str, after: int, limit: int) -> list[Message]:
+        """Pull mode: the channel's outbound messages with seq > after, in
+        queue order (sent ones included, so a client may re-read)."""
+
+    async def mark_pulled(self, channel: str, upto: int) -> None:
+        """Pull mode: the client has moved past `upto`; those are sent."""
+
+    async def count_acks(self, channel: str, recipient_id: str, since: datetime) -> int:
+        """Acks queued to one customer since a time, for the per-sender cap."""
+
+    # -- agents ------------------------------------------------------------
+
+    async def add_agent(self, agent: Agent) -> None:
+        """Raises Conflict when the name is taken."""
+
+    async def get_agent(self, name: str) -> Agent | None: ...
+
+    async def agent_by_token(self, token_hash: str) -> Agent | None: ...
+
+    async def list_agents(self) -> list[Agent]: ...
+
+    async def remove_agent(self, name: str) -> bool: ...
+
+    async def set_agent_token(self, name: str, token_hash: str) -> None:
+        """Raises NotFound."""
+
+    async def set_presence(self, name: str, presence: Presence) -> None:
+        """Raises NotFound."""
+
+    # -- events --------------------------------------------------------------
+
+    async def publish(self, event: Event) -> None:
+        """Hand an event to every subscriber (of every process sharing the store)."""
+
+    def subscribe(self) -> AsyncGenerator[Event, None]:
+        """Events published from now on, until the generator is closed (`aclose()`)."""
+
+
+def open_store(url: str) -> Store:
+    """Pick the implementation by URL scheme; `sqlite:///rel` or `sqlite:////abs`."""
+    from router.errors import ConfigError
+
+    if url.startswith("sqlite://"):
+        from router.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    if url.startswith(("redis://", "rediss://")):
+        raise ConfigError([f"store.url: the Redis store is not built yet ({mask_url(url)})"])
+    raise ConfigError([f"store.url: unknown scheme in {mask_url(url)!r} (sqlite:// or redis://)"])
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a store URL (`redis://:***@host`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

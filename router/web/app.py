@@ -1,0 +1,103 @@
+"""The aiohttp application: JSON errors, health, metrics, and the route tables."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from channels.base import Channel
+from router import metrics
+from router.config import Config
+from router.desk import Desk
+from router.errors import BadInbound, Conflict, NotFound, StoreError
+from router.store import Store
+
+log = logging.getLogger(__name__)
+MAX_BODY = 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Services:
+    """Everything a request handler may touch, as one typed app key."""
+
+    store: Store
+    config: Config
+    channels: dict[str, Channel]
+    desk: Desk
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    ready: bool = False
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure answers SPEC 5's error object; internals never leak."""
+    try:
+        return await handler(request)
+    except BadInbound as exc:
+        return error(exc.status, exc.code, exc.message)
+    except NotFound as exc:
+        return error(404, "not_found", str(exc))
+    except Conflict as exc:
+        return error(409, "conflict", str(exc))
+    except StoreError:
+        log.exception("store error on %s %s", request.method, request.path)
+        return error(503, "store_unavailable", "the store is unavailable; try again")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return error(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal_error", "internal error; it was logged")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    try:
+        await services.store.ping()
+    except StoreError as exc:
+        return error(503, "store_unavailable", str(exc))
+    if not services.ready or services.stopping.is_set():
+        return error(503, "not_ready", "channels are starting or stopping")
+    return web.json_response({"status": "ready", "channels": sorted(services.channels)})
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    metrics.BACKLOG.set(await services.store.inbound_backlog())
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(services: Services) -> web.Application:
+    from router.web import api, ingress
+
+    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY)
+    app[SERVICES] = services
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics_page),
+        ]
+    )
+    app.add_routes(ingress.routes)
+    app.add_routes(api.routes)
+    return app
