@@ -56,6 +56,7 @@ READY_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 60.0
 EVENT_GRACE_S = 5.0
 STOP_TIMEOUT_S = 15.0
+GENERATOR_SATURATED = 0.9
 
 COINS = ["USDT", "BTC", "ETH", "SOL", "USDC", "TRX"]
 NAMES = ["Ann", "Bo", "Chen Wei", "Dmitri", "Esra", "Fatima", "Gustavo", "Hana", "Ivan", "Jun"]
@@ -508,14 +509,19 @@ def ms(seconds: float) -> str:
 
 
 def describe(load: Load) -> str:
+    """Two indented lines: answers and latency, then CPU use."""
     odd = {s: n for s, n in load.statuses.items() if s != 202}
-    return (
+    answers = (
         f"{len(load.latencies)} answered in {load.elapsed:.2f} s = {load.rate():.0f} msg/s; "
         f"to the 202: p50 {ms(percentile(load.latencies, 50))}, p99 {ms(percentile(load.latencies, 99))}; "
         f"non-202: {odd or 0}, transport errors: {load.errors}"
-        + ("; CUT SHORT at the time cap" if load.cut_short else "")
-        + f"\n  CPU meanwhile: {load.cores}"
     )
+    if load.cut_short:
+        answers += "; CUT SHORT at the time cap"
+    cpu = f"CPU meanwhile: {load.cores}"
+    if load.cores.client > GENERATOR_SATURATED:
+        cpu += " (generator saturated: the server could do more)"
+    return f"{answers}\n  {cpu}"
 
 
 def header(args: argparse.Namespace) -> None:

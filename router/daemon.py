@@ -82,7 +82,6 @@ class Daemon:
         rules = triage.load_rules([self.config.path(p) for p in settings.triage.rules])
         templates = Templates(self.config.path(settings.acks.templates) if settings.acks.templates else None)
         self.pipeline = Pipeline(self.store, self.config, rules, templates)
-        self.outbox = Outbox(self.store, self.config, self.channels)
         self.services = Services(self.store, self.config, self.channels, Desk(self.store, self.config))
         self.runner = web.AppRunner(create_app(self.services), shutdown_timeout=3.0, access_log=None)
         await self.runner.setup()
@@ -97,6 +96,7 @@ class Daemon:
         # visibility timeout.
         port = sock.getsockname()[1] if sock is not None else settings.server.port
         consumer = f"{socket.gethostname()}:{port}"
+        self.outbox = Outbox(self.store, self.config, self.channels, consumer=f"{consumer}/outbox")
         self.tasks = [
             asyncio.create_task(self.pipeline.run(f"{consumer}/w{i}", self.stop_workers))
             for i in range(settings.pipeline.workers)

@@ -8,7 +8,7 @@ both stores persist, so a stored record and an API object never drift apart.
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Self
@@ -93,6 +93,18 @@ def parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def _flat(obj: Any) -> dict[str, Any]:
+    """One level of a dataclass as a dict. `asdict` deep-copies every value,
+    which made it the most expensive step of an ingest (75 µs vs 7 µs)."""
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    return {name: getattr(obj, name) for name in names}
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 @dataclass(slots=True)
 class Party:
     id: str
@@ -153,9 +165,14 @@ class Message:
     seq: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _flat(self)
+        data["sender"] = _flat(self.sender)
+        data["recipient"] = _flat(self.recipient) if self.recipient else None
+        data["attachments"] = [_flat(a) for a in self.attachments]
+        data["references"] = list(self.references)
         data["received_at"] = format_time(self.received_at)
         if self.delivery is not None:
+            data["delivery"] = _flat(self.delivery)
             data["delivery"]["next_attempt_at"] = format_time(self.delivery.next_attempt_at)
         return data
 
@@ -222,7 +239,8 @@ class Conversation:
         return (self.urgency.rank, due is None, due or self.created_at, self.created_at, self.id)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _flat(self)
+        data["customer"] = _flat(self.customer)
         for key in ("created_at", "last_message_at", "first_response_due", "first_response_at"):
             data[key] = format_time(getattr(self, key))
         return data
@@ -276,7 +294,7 @@ class DeadLetter:
     message_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = _flat(self)
         data["created_at"] = format_time(self.created_at)
         return data
 

@@ -35,8 +35,10 @@ class Outbox:
         config: Config,
         channels: dict[str, Channel],
         clock: Callable[[], datetime] = utcnow,
+        consumer: str = "outbox",
     ) -> None:
         self.store = store
+        self.consumer = consumer
         self.channels = channels
         self.max_attempts = config.settings.outbox.max_attempts
         self.backoff_max = parse_duration(config.settings.outbox.backoff_max)
@@ -57,7 +59,9 @@ class Outbox:
         if not self.push:
             await asyncio.sleep(block_s)
             return 0
-        batch = await self.store.claim_outbound(self.push, self.clock(), CLAIM_BATCH, VISIBILITY_S, block_s)
+        batch = await self.store.claim_outbound(
+            self.consumer, self.push, self.clock(), CLAIM_BATCH, VISIBILITY_S, block_s
+        )
         await asyncio.gather(*(self.deliver(message) for message in batch))
         return len(batch)
 

@@ -27,6 +27,7 @@ _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 _WORD = re.compile(r"[a-z0-9]+")
 _CJK_CHAR = re.compile(rf"[{_CJK}]")
 _PHRASE_UNIT = re.compile(rf"[a-z0-9]+\*?|[{_CJK}]|\.\.\.")
+_BAD_STAR = re.compile(r"(?<![a-z0-9])\*|\*(?=[a-z0-9])")
 _SEP = rf"[^a-z0-9{_CJK}]*"
 _GAP = rf"(?:{_SEP}(?:[a-z0-9]+|[{_CJK}])){{0,3}}"  # "..." in a phrase: up to 3 words or CJK characters
 _FULLWIDTH = {chr(c): chr(c - 0xFEE0) for c in [*range(0xFF10, 0xFF1A), *range(0xFF41, 0xFF5B)]}
@@ -362,7 +363,7 @@ class _Loader:
         if not units or "..." in (units[0], units[-1]):
             self.problems.append(f"{at}: {phrase!r} needs a word to match (and '...' only between words)")
             return -1
-        if norm.count("*") != sum(unit.endswith("*") for unit in units):
+        if _BAD_STAR.search(norm):
             self.problems.append(f"{at}: {phrase!r}: '*' may only end a latin word")
             return -1
         return self.atoms.setdefault(units, len(self.atoms))

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,8 +110,8 @@ def fresh_conversation(message: Message) -> Conversation:
     )
 
 
-async def ingest(store: Store, external_id: str, **fields: object) -> Threaded:
-    message = inbound(external_id, **fields)  # type: ignore[arg-type]
+async def ingest(store: Store, external_id: str, **fields: Any) -> Threaded:
+    message = inbound(external_id, **fields)
     await store.enqueue_inbound(message)
     return await store.thread_message(message, fresh_conversation(message))
 
@@ -140,8 +141,8 @@ def outbound(
     )
 
 
-async def stored_outbound(store: Store, conversation: Conversation, **fields: object) -> Message:
-    return await store.enqueue_outbound(outbound(conversation, **fields))  # type: ignore[arg-type]
+async def stored_outbound(store: Store, conversation: Conversation, **fields: Any) -> Message:
+    return await store.enqueue_outbound(outbound(conversation, **fields))
 
 
 # -- lifecycle ----------------------------------------------------------------
@@ -522,8 +523,8 @@ async def test_inbox_filters(store: Store) -> None:
     await store.update_conversation(made["closed-ann"].id, status=Status.CLOSED)
     await store.update_conversation(made["open-free"].id, team="security")
 
-    async def names(**query: object) -> set[str]:
-        page = await store.list_conversations(InboxQuery(**query))  # type: ignore[arg-type]
+    async def names(**query: Any) -> set[str]:
+        page = await store.list_conversations(InboxQuery(**query))
         return {c.thread_key for c in page.conversations}
 
     assert await names() == {"open-ann", "open-bob", "open-free"}
@@ -624,32 +625,41 @@ async def test_claim_outbound_respects_channels_due_time_and_visibility(store: S
     now_web = await stored_outbound(store, web)
     later_web = await stored_outbound(store, web, next_attempt_at=BASE + timedelta(minutes=10))
     now_tg = await stored_outbound(store, tg)
-    assert [m.id for m in await store.claim_outbound(["web"], BASE, 10, 60)] == [now_web.id]
-    assert [m.id for m in await store.claim_outbound(["web", "tg"], BASE, 10, 60)] == [now_tg.id]
-    assert await store.claim_outbound(["web", "tg"], BASE + timedelta(seconds=30), 10, 60) == []
-    due = await store.claim_outbound(["web"], BASE + timedelta(minutes=10), 10, 60)
+    assert [m.id for m in await store.claim_outbound("a", ["web"], BASE, 10, 60)] == [now_web.id]
+    assert [m.id for m in await store.claim_outbound("b", ["web", "tg"], BASE, 10, 60)] == [now_tg.id]
+    assert await store.claim_outbound("c", ["web", "tg"], BASE + timedelta(seconds=30), 10, 60) == []
+    due = await store.claim_outbound("c", ["web"], BASE + timedelta(minutes=10), 10, 60)
     assert [m.id for m in due] == [now_web.id, later_web.id]
-    assert await store.claim_outbound([], BASE + timedelta(days=1), 10, 60) == []
+    assert await store.claim_outbound("a", [], BASE + timedelta(days=1), 10, 60) == []
+
+
+async def test_a_restarted_sender_takes_back_its_own_outbound_claims_at_once(store: Store) -> None:
+    conversation = (await ingest(store, "e1")).conversation
+    message = await stored_outbound(store, conversation)
+    assert [m.id for m in await store.claim_outbound("host:8080/outbox", ["web"], BASE, 10, 120)] == [message.id]
+    assert await store.claim_outbound("other", ["web"], BASE, 10, 120) == []
+    again = await store.claim_outbound("host:8080/outbox", ["web"], BASE + timedelta(seconds=1), 10, 120)
+    assert [m.id for m in again] == [message.id]
 
 
 async def test_record_delivery_reschedules_or_removes(store: Store) -> None:
     conversation = (await ingest(store, "e1")).conversation
     message = await stored_outbound(store, conversation)
-    await store.claim_outbound(["web"], BASE, 10, 60)
+    await store.claim_outbound("a", ["web"], BASE, 10, 60)
     retry = Delivery(DeliveryStatus.QUEUED, 1, "timeout", BASE + timedelta(minutes=5))
     recorded = await store.record_delivery(message.id, retry)
     assert recorded.delivery == retry and recorded.seq == message.seq
-    assert await store.claim_outbound(["web"], BASE + timedelta(minutes=4), 10, 60) == []
-    assert [m.id for m in await store.claim_outbound(["web"], BASE + timedelta(minutes=5), 10, 60)] == [
+    assert await store.claim_outbound("a", ["web"], BASE + timedelta(minutes=4), 10, 60) == []
+    assert [m.id for m in await store.claim_outbound("a", ["web"], BASE + timedelta(minutes=5), 10, 60)] == [
         message.id
     ]
     await store.record_delivery(message.id, Delivery(DeliveryStatus.SENT, 2))
-    assert await store.claim_outbound(["web"], BASE + timedelta(days=1), 10, 60) == []
+    assert await store.claim_outbound("a", ["web"], BASE + timedelta(days=1), 10, 60) == []
     stored = await store.get_message(message.id)
     assert stored is not None and stored.delivery == Delivery(DeliveryStatus.SENT, 2)
     await store.record_delivery(message.id, Delivery(DeliveryStatus.DEAD, 8, "gone"))
     await store.record_delivery(message.id, Delivery(next_attempt_at=BASE + timedelta(days=2)))
-    assert [m.id for m in await store.claim_outbound(["web"], BASE + timedelta(days=2), 10, 60)] == [
+    assert [m.id for m in await store.claim_outbound("a", ["web"], BASE + timedelta(days=2), 10, 60)] == [
         message.id
     ]
     with pytest.raises(NotFound):
@@ -658,7 +668,7 @@ async def test_record_delivery_reschedules_or_removes(store: Store) -> None:
 
 async def test_a_blocked_outbound_claim_wakes_when_a_reply_is_queued(store: Store) -> None:
     conversation = (await ingest(store, "e1")).conversation
-    waiting = asyncio.create_task(store.claim_outbound(["web"], BASE, 10, 60, block_s=10))
+    waiting = asyncio.create_task(store.claim_outbound("a", ["web"], BASE, 10, 60, block_s=10))
     await asyncio.sleep(0.05)
     message = await stored_outbound(store, conversation)
     assert [m.id for m in await asyncio.wait_for(waiting, 1)] == [message.id]
@@ -676,7 +686,7 @@ async def test_pull_mode_reads_in_queue_order_and_marks_sent(store: Store) -> No
     await store.mark_pulled("web", second.seq or 0)
     statuses = [m.delivery.status for m in await store.outbound_after("web", 0, 10) if m.delivery]
     assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT, DeliveryStatus.QUEUED]
-    assert [m.id for m in await store.claim_outbound(["web", "tg"], BASE, 10, 60)] == [third.id, other.id]
+    assert [m.id for m in await store.claim_outbound("a", ["web", "tg"], BASE, 10, 60)] == [third.id, other.id]
 
 
 async def test_count_acks_per_channel_recipient_and_time(store: Store) -> None:
@@ -785,7 +795,7 @@ async def test_everything_survives_close_and_reopen(store: Store, make_store: St
         claimed = await reopened.claim_inbound("w", 10, 60)
         assert [m.external_id for m in claimed] == ["e2", "e1"]
         assert (await reopened.enqueue_inbound(inbound("e1"))).duplicate
-        assert [m.id for m in await reopened.claim_outbound(["web"], BASE, 10, 60)] == [reply.id]
+        assert [m.id for m in await reopened.claim_outbound("a", ["web"], BASE, 10, 60)] == [reply.id]
         assert await reopened.agent_by_token("hash-1") is not None
         assert await reopened.next_counter("round_robin:support") == 2
         assert [d.id for d in await reopened.list_dead_letters()] == [dead.id]

@@ -142,10 +142,19 @@ class Store(Protocol):
         conversation does not exist."""
 
     async def claim_outbound(
-        self, channels: list[str], now: datetime, limit: int, visibility_s: float, block_s: float = 0
+        self,
+        consumer: str,
+        channels: list[str],
+        now: datetime,
+        limit: int,
+        visibility_s: float,
+        block_s: float = 0,
     ) -> list[Message]:
         """Queued outbound messages of these channels whose next attempt is
-        due, oldest first; invisible to others for `visibility_s`."""
+        due, oldest first; invisible to other consumers for `visibility_s`.
+        Like `claim_inbound`, a consumer gets its own unfinished claims back
+        at once, so a restarted sender resumes without waiting them out.
+        Rescheduling (`record_delivery` queued) releases the claim."""
 
     async def record_delivery(self, message_id: str, delivery: Delivery) -> Message:
         """Store a delivery outcome; a queued one is retried at

@@ -232,7 +232,13 @@ class SQLiteQueues:
         return stored
 
     async def claim_outbound(
-        self, channels: list[str], now: datetime, limit: int, visibility_s: float, block_s: float = 0
+        self,
+        consumer: str,
+        channels: list[str],
+        now: datetime,
+        limit: int,
+        visibility_s: float,
+        block_s: float = 0,
     ) -> list[Message]:
         """While blocked, `now` moves on with the clock, so a retry that falls
         due during the wait is handed out."""
@@ -245,12 +251,13 @@ class SQLiteQueues:
             async with self._db.write() as db:
                 rows = await db.execute_fetchall(
                     "SELECT o.seq, m.data FROM outbox o JOIN messages m ON m.seq = o.seq"
-                    f" WHERE o.channel IN ({marks}) AND o.due_at <= ? ORDER BY o.seq LIMIT ?",
-                    (*channels, at, limit),
+                    f" WHERE o.channel IN ({marks}) AND (o.due_at <= ? OR o.consumer = ?)"
+                    " ORDER BY o.seq LIMIT ?",
+                    (*channels, at, consumer, limit),
                 )
                 await db.executemany(
-                    "UPDATE outbox SET due_at = ? WHERE seq = ?",
-                    [(at + visibility_s, seq) for seq, _ in rows],
+                    "UPDATE outbox SET due_at = ?, consumer = ? WHERE seq = ?",
+                    [(at + visibility_s, consumer, seq) for seq, _ in rows],
                 )
             return [load_message(seq, data) for seq, data in rows]
 
@@ -354,11 +361,13 @@ async def _known_inbound(
 
 
 async def _queue_outbound(db: aiosqlite.Connection, message: Message) -> None:
-    """Due at `next_attempt_at`, or at once (0 is before any clock a caller passes)."""
+    """Due at `next_attempt_at`, or at once (0 is before any clock a caller
+    passes); unclaimed, so the retry waits for its time even for the sender
+    that claimed it before."""
     due = message.delivery.next_attempt_at if message.delivery else None
     await db.execute(
         "INSERT INTO outbox (seq, channel, due_at) VALUES (?, ?, ?)"
-        " ON CONFLICT (seq) DO UPDATE SET due_at = excluded.due_at",
+        " ON CONFLICT (seq) DO UPDATE SET due_at = excluded.due_at, consumer = NULL",
         (message.seq, message.channel, due.timestamp() if due else 0),
     )
 

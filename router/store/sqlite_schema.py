@@ -85,7 +85,8 @@ CREATE INDEX IF NOT EXISTS inbound_queue_order ON inbound_queue (priority, seq, 
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY REFERENCES messages (seq),
     channel TEXT NOT NULL,
-    due_at REAL NOT NULL
+    due_at REAL NOT NULL,
+    consumer TEXT
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (channel, due_at);
 
