@@ -636,7 +636,9 @@ async def test_claim_outbound_respects_channels_due_time_and_visibility(store: S
 async def test_a_restarted_sender_takes_back_its_own_outbound_claims_at_once(store: Store) -> None:
     conversation = (await ingest(store, "e1")).conversation
     message = await stored_outbound(store, conversation)
-    assert [m.id for m in await store.claim_outbound("host:8080/outbox", ["web"], BASE, 10, 120)] == [message.id]
+    assert [m.id for m in await store.claim_outbound("host:8080/outbox", ["web"], BASE, 10, 120)] == [
+        message.id
+    ]
     assert await store.claim_outbound("other", ["web"], BASE, 10, 120) == []
     again = await store.claim_outbound("host:8080/outbox", ["web"], BASE + timedelta(seconds=1), 10, 120)
     assert [m.id for m in again] == [message.id]
@@ -686,7 +688,10 @@ async def test_pull_mode_reads_in_queue_order_and_marks_sent(store: Store) -> No
     await store.mark_pulled("web", second.seq or 0)
     statuses = [m.delivery.status for m in await store.outbound_after("web", 0, 10) if m.delivery]
     assert statuses == [DeliveryStatus.SENT, DeliveryStatus.SENT, DeliveryStatus.QUEUED]
-    assert [m.id for m in await store.claim_outbound("a", ["web", "tg"], BASE, 10, 60)] == [third.id, other.id]
+    assert [m.id for m in await store.claim_outbound("a", ["web", "tg"], BASE, 10, 60)] == [
+        third.id,
+        other.id,
+    ]
 
 
 async def test_count_acks_per_channel_recipient_and_time(store: Store) -> None:
