@@ -14,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Receiver, free_port, signed_headers, write_config
+from tests.conftest import SECRET, Receiver, free_port, signed_headers, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,26 @@ async def test_first_start_on_builtin_defaults_prints_token_and_secret_once(tmp_
     await wait_ready(port, proc)
     code, _, out, _ = stop(proc, tmp_path)
     assert code == 0 and "shown once" not in out
+
+
+async def test_secrets_stay_out_of_debug_logs(tmp_path: Path, receiver: Receiver) -> None:
+    config = write_config(tmp_path, receiver.url)
+    port = free_port()
+    proc = spawn(tmp_path, port, "-c", str(config), "--debug")
+    await wait_ready(port, proc)
+    token = (tmp_path / "daemon.out").read_text().split("(shown once): ")[1].split()[0]
+    async with aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{port}"
+        body = json.dumps({"id": "x", "from": {"id": "u"}, "text": "hi"}).encode()
+        bad = {**signed_headers(body), "X-Router-Signature": "sha256=" + "f" * 64}
+        await (await http.post(f"{url}/channels/web/inbound", data=body, headers=bad)).read()
+        await (await http.post(f"{url}/channels/web/inbound", data=body, headers=signed_headers(body))).read()
+        auth = {"Authorization": f"Bearer {token}"}
+        await (await http.get(f"{url}/api/v1/conversations?cursor=zzz", headers=auth)).read()
+        await receiver.wait_for(1, kind="ack")
+    _, _, _, err = stop(proc, tmp_path)
+    assert "DEBUG" in err
+    assert SECRET not in err and token not in err
 
 
 async def test_sigterm_mid_traffic_exits_cleanly_and_loses_nothing(
