@@ -573,8 +573,8 @@ async def idle() -> None:
 
 async def bare_phase(tmp: Path, args: argparse.Namespace, secret: str) -> Load:
     port = free_port()
-    args_ = [str(REPO / "bench" / "bare_handler.py"), "--port", str(port)]
-    server = spawn("bare", args_, tmp, port, child_env(BENCH_SECRET=secret))
+    command = [str(REPO / "bench" / "bare_handler.py"), "--port", str(port)]
+    server = spawn("bare", command, tmp, port, child_env(BENCH_SECRET=secret))
     try:
         async with aiohttp.ClientSession() as http:
             await wait_ready(http, server)

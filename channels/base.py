@@ -10,6 +10,7 @@ routing.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -36,6 +37,11 @@ class Channel(ABC):
     pulls_outbound: bool = False
     """True when the customer's client fetches replies (webhook pull mode),
     so the outbox leaves its messages for the client to collect."""
+    polls: bool = False
+    """True when receiving is a loop that asks upstream for new messages
+    (an IMAP mailbox, a Telegram bot in polling mode). Such a loop must run
+    in one process at a time, so the daemon runs `poll` only while it holds
+    the channel's lease."""
 
     def __init__(self, name: str, settings: ChannelSettings, state_dir: Path) -> None:
         self.name = name
@@ -45,6 +51,11 @@ class Channel(ABC):
     async def open(self, sink: Sink) -> None:
         """Start receiving. Push channels only keep the sink for their routes."""
         self.sink = sink
+
+    async def poll(self, stop: asyncio.Event) -> None:
+        """Receive until `stop` is set (only for channels that `polls`).
+        Raise to have the daemon retry with backoff; it logs the error."""
+        raise NotImplementedError(f"{self.type} channels do not poll")
 
     async def close(self) -> None:  # noqa: B027 - channels without resources need nothing here
         """Stop taking input; idempotent."""

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from channels import REGISTRY
 from channels.base import Channel
 from channels.webhook import WebhookChannel
-from router import agents, triage
+from router import agents, pollers, triage
 from router.acks import Templates
 from router.config import Config
 from router.desk import Desk
@@ -71,6 +71,8 @@ class Daemon:
         self.config = config
         self.store = open_store(config.settings.store.url)
         self.stop_workers = asyncio.Event()
+        self.stop_input = asyncio.Event()
+        self.pollers: list[asyncio.Task[None]] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.runner: web.AppRunner | None = None
 
@@ -104,6 +106,8 @@ class Daemon:
         self.tasks.append(asyncio.create_task(self.outbox.run(self.stop_workers)))
         for name, channel in self.channels.items():
             await channel.open(self.pipeline.accept)
+            if channel.polls:
+                self.pollers.append(asyncio.create_task(pollers.supervise(channel, self.stop_input)))
             log.info("channel %s (%s) started", name, channel.type)
         self.services.ready = True
         log.info("store %s; inbox at http://%s/", self.store.display_url, settings.server.listen)
@@ -112,6 +116,11 @@ class Daemon:
         """Bounded: whatever is still running after the budget is cancelled;
         it was not acknowledged, so the queue hands it out again."""
         self.services.stopping.set()
+        self.stop_input.set()
+        if self.pollers:
+            await asyncio.wait(self.pollers, timeout=2.0)
+        for task in self.pollers:
+            task.cancel()
         for channel in self.channels.values():
             with contextlib.suppress(Exception):
                 await channel.close()
