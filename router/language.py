@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import re
 
-_NON_LATIN = re.compile(
-    r"[\u0400-\u04ff\u1100-\u11ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
-)
+_KANA_HANGUL_CYRILLIC = r"\u0400-\u04ff\u1100-\u11ff\u3040-\u30ff\uac00-\ud7af"
+_NON_LATIN = re.compile(rf"[{_KANA_HANGUL_CYRILLIC}\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# One pass tells whether any of the three is there at all: most non-Latin
+# messages are Chinese, and counting each script separately scans each time.
+_OTHER_SCRIPT = re.compile(f"[{_KANA_HANGUL_CYRILLIC}]")
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 _KANA = re.compile(r"[\u3040-\u30ff]+")
 _HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff]+")
@@ -33,6 +35,8 @@ def detect_language(text: str, hint: str | None = None) -> str:
     if _NON_LATIN.search(text):
         latin = len(_LATIN_WORD.findall(text))
         han = _characters(_HAN, text)
+        if not _OTHER_SCRIPT.search(text):
+            return "zh" if han and han >= latin else _hinted(hint)
         if (kana := _characters(_KANA, text)) and kana + han >= latin:
             return "ja"
         if (hangul := _characters(_HANGUL, text)) and hangul >= latin:
@@ -41,6 +45,11 @@ def detect_language(text: str, hint: str | None = None) -> str:
             return "zh"
         if len(_CYRILLIC_WORD.findall(text)) > latin:
             return "ru"
+    return _hinted(hint)
+
+
+def _hinted(hint: str | None) -> str:
+    """Latin script: the channel's hint when it is a language code, else English."""
     if hint and (match := _HINT.fullmatch(hint.strip())):
         return match.group(1).lower()
     return "en"

@@ -1,46 +1,61 @@
 """Triage: urgency, category and a human reason for one customer message.
 
-Rules are data (config/rules/*.toml, format at the top of default.toml) so a
-support lead extends them without Python. Ingest calls `classify` for every
-message, so matching avoids per-character Python work: the message's words
-and CJK characters pick the few phrases that could match, and only those are
-confirmed by a substring test or a precompiled regex.
+Ingest calls `classify` for every message, so matching avoids per-character
+Python work: a phrase is filed under a word (or CJK character) it contains,
+the message's words open the few buckets that could match, and only those
+phrases are confirmed. Matching is per sentence, so a guard ("what if", "not
+hacked") cancels the sentence it is in, not a real report elsewhere.
 """
 
 from __future__ import annotations
 
 import importlib.resources
 import re
-import tomllib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from router.errors import ConfigError
+from router import triage_rules as compiler
 from router.language import detect_language
 from router.model import Category, Urgency
+from router.triage_rules import ALONE, CJK_CHAR, IN_TEXT, IN_WORDS, REGEX, WORD, WORD_REGEX, Rule
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-_WORD = re.compile(r"[a-z0-9]+")
-_CJK_CHAR = re.compile(rf"[{_CJK}]")
-_PHRASE_UNIT = re.compile(rf"[a-z0-9]+\*?|[{_CJK}]|\.\.\.")
-_BAD_STAR = re.compile(r"(?<![a-z0-9])\*|\*(?=[a-z0-9])")
-_SEP = rf"[^a-z0-9{_CJK}]*"
-_GAP = rf"(?:{_SEP}(?:[a-z0-9]+|[{_CJK}])){{0,3}}"  # "..." in a phrase: up to 3 words or CJK characters
-_FULLWIDTH = {chr(c): chr(c - 0xFEE0) for c in [*range(0xFF10, 0xFF1A), *range(0xFF41, 0xFF5B)]}
-_ALWAYS = {**_FULLWIDTH, **dict.fromkeys("'\u2018\u2019`\u00b4", ""), "\u2026": "..."}
+__all__ = ["RuleSet", "Verdict", "classify", "load_rules", "shipped_dir"]
+
+# A sentence ends at . ! ? : before a space (not in "0.5", "site.com" or "02:14"),
+# at CJK stops, colons and semicolons, and at line breaks. A class first: fast skips.
+_SENTENCE_END = re.compile(r"[.!?:。！？；：;\n](?:(?<=[.!?:])(?=\s|$)|(?<![.!?:]))\s*")
+# Where quoted history starts in a reply: "On <date>, <who> wrote:" (maybe
+# wrapped onto a second line), its Chinese form, Outlook's separators.
+_QUOTE_HEADER = re.compile(
+    r"^[ \t]*(?:on\b[^\n]{0,300}(?:\n[^\n]{0,200})?\bwrote:[ \t]*$|在[^\n]{0,100}写道[:：]"
+    r"|-{3,}[ \t]*(?:original message|原始邮件)[ \t]*-{3,}|from:[^\n]*\n(?:sent|date|发送时间):)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_QUOTED_LINE = re.compile(r"^[ \t]*>[^\n]*\n?", re.MULTILINE)
+# In nearly every message, so never a phrase's key while it has another word.
+_FUNCTION_WORD_LIST = """a an the to of in on at for from by with and or but if is are was were be been am
+    i im me my you your ur it its this that these those he she they them his her their we our us not no never
+    dont didnt did do does have has had havent hasnt cant cannot can could would should will just so as up out
+    about into what when where why how who which there all any some"""
+_FUNCTION_WORDS = frozenset(_FUNCTION_WORD_LIST.split())
 _PRECEDENCE = {category: i for i, category in enumerate(Category)}
-_RULE_KEYS = frozenset({"name", "category", "urgency", "any", "all", "unless", "pattern", "weight"})
 _CACHE_LIMIT = 50_000
 
-# How a phrase filed under a key is confirmed: it is the key alone; its CJK
-# text is in the message; its words, space-separated, are in the message's
-# words joined by spaces; or (stems, gaps, mixed scripts) a regex matches.
-_ALONE, _IN_TEXT, _IN_WORDS, _REGEX = range(4)
-Entry = tuple[int, frozenset[str], int, Any]  # (atom id, latin words it needs, how, str or regex)
+Entries = tuple[compiler.Entry, ...]
+# A word key's entries by a second word they need ("" if none): `{a|b}` files dozens
+# under one key, and a message holding the key holds few of their second words.
+# A CJK key's plain runs carry their characters, a cheap test before scanning.
+Bucket = list[tuple[str, tuple[tuple[int, ...], Entries]]]
+Runs = tuple[tuple[int, str, frozenset[str]], ...]
+Index = tuple[
+    dict[str, Bucket], list[tuple[str, Bucket]], dict[str, tuple[Runs, Entries]]
+]  # words, stems, chars
+Found = dict[int, str]  # atom id -> the text it matched
+Todo = tuple[Sequence[int], Entries]  # entries to confirm, in those sentences
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,149 +66,228 @@ class Verdict:
     language: str
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """Every group needs one phrase present, no `unless` phrase may be, and
-    `pattern` (if any) must match; then `weight` counts for the rule's
-    (category, urgency), which fires at a total of 1."""
-
-    name: str
-    category: Category
-    urgency: Urgency
-    groups: tuple[frozenset[int], ...]
-    unless: frozenset[int]
-    pattern: re.Pattern[str] | None
-    weight: float
-
-
 class RuleSet:
-    """Rules compiled into one phrase index. Each phrase is filed under its
-    rarest word or CJK character, so common words ("not", "没") open small
-    buckets, and its other words are checked before any regex runs."""
+    """Compiled rules and phrases, and from each phrase the (rule, group bit)
+    pairs it satisfies, the rules it switches off and those it guards a
+    sentence of: a message's phrases vote, and only rules they meet run."""
 
-    def __init__(self, rules: list[Rule], atoms: list[tuple[str, ...]], normalize: Callable[[str], str]):
-        self.rules = tuple(rules)
-        self.normalize = normalize
-        self._words: dict[str, list[Entry]] = {}
-        self._stems: list[tuple[str, Entry]] = []
-        self._chars: dict[str, list[Entry]] = {}
-        uses = Counter(unit for units in atoms for unit in set(units))
-        for atom, units in enumerate(atoms):
-            plain = [unit for unit in units if not unit.endswith("*") and unit != "..."]
-            key = min(plain, key=lambda unit: (uses[unit], -len(unit))) if plain else units[0]
-            needs = frozenset(unit for unit in plain if _WORD.fullmatch(unit))
-            if len(units) == 1:
-                entry: Entry = (atom, needs, _ALONE, None)
-            elif all(_CJK_CHAR.fullmatch(unit) for unit in units):
-                entry = (atom, needs, _IN_TEXT, "".join(units))
-            elif len(needs) == len(units):
-                entry = (atom, needs, _IN_WORDS, f" {' '.join(units)} ")
-            else:
-                entry = (atom, needs, _REGEX, re.compile(_regex(units)))
-            if key.endswith("*"):
-                self._stems.append((key[:-1], entry))
-            else:
-                (self._words if _WORD.fullmatch(key) else self._chars).setdefault(key, []).append(entry)
+    def __init__(self, compiled: compiler.Compiled):
+        self.rules = tuple(compiled.rules)
+        self.normalize = compiled.normalize
+        self._words, self._stems, self._chars = _file(compiled.phrases)
         self._heads = frozenset(self._chars)
-        self._by_first_group: dict[int, list[int]] = {}
-        for i, rule in enumerate(self.rules):
-            for atom in rule.groups[0] if rule.groups else ():
-                self._by_first_group.setdefault(atom, []).append(i)
+        rules = list(enumerate(self.rules))
+        groups = ((a, (i, 1 << j)) for i, rule in rules for j, group in enumerate(rule.groups) for a in group)
+        self._groups_of = _invert(groups)
+        self._blocks = _invert((atom, i) for i, rule in rules for atom in rule.unless)
+        self._guards = _invert((atom, i) for i, rule in rules for atom in rule.unless_in_sentence)
+        self._all_groups = [(1 << len(rule.groups)) - 1 for rule in self.rules]
         self._pattern_only = [i for i, rule in enumerate(self.rules) if not rule.groups]
-        self._cache: dict[str, tuple[Entry, ...]] = {}
+        self._cache: dict[str, Bucket] = {}
 
-    def _file_word(self, word: str) -> tuple[Entry, ...]:
+    def _file_word(self, word: str) -> Bucket:
         """Phrases filed under `word`, stems included; memoized in `_cache`
         because a desk's vocabulary is small while stems are tried per word."""
-        stems = [entry for stem, entry in self._stems if word.startswith(stem)]
-        entries = self._cache[word] = (*self._words.get(word, ()), *stems)
+        stems = [part for stem, bucket in self._stems if word.startswith(stem) for part in bucket]
+        bucket = self._cache[word] = [*self._words.get(word, ()), *stems]
         if len(self._cache) > _CACHE_LIMIT:
             self._cache.clear()
-        return entries
+        return bucket
 
-    def scan(self, norm: str) -> dict[int, str]:
-        """Atom id -> the text it matched, for every phrase present."""
-        found: dict[int, str] = {}
-        word_list = _WORD.findall(norm)
-        words = dict.fromkeys(word_list)
-        spaced = f" {' '.join(word_list)} "
-        buckets = []
-        for word in words:
-            entries = self._cache.get(word)
-            if entries is None:
-                entries = self._file_word(word)
-            if entries:
-                buckets.append((word, entries))
-        if _CJK_CHAR.search(norm):
-            buckets += [(char, self._chars[char]) for char in self._heads.intersection(norm)]
-        present = words.keys()
-        for key, entries in buckets:
-            for atom, needs, how, matcher in entries:
-                if atom in found or not needs <= present:
-                    continue
-                if how == _ALONE:
-                    found[atom] = key
-                elif how == _REGEX:
-                    if match := matcher.search(norm):
-                        found[atom] = match.group(0)
-                elif matcher in (spaced if how == _IN_WORDS else norm):
-                    found[atom] = matcher.strip()
+    def scan(self, sentences: list[str]) -> list[Found]:
+        """Every phrase present, per normalized sentence. The message's words
+        and CJK characters are looked up once; a phrase filed under a word is
+        confirmed only in the sentences holding that word."""
+        word_lists = [WORD.findall(sentence) for sentence in sentences]
+        where: dict[str, list[int]] = {}
+        for i, word_list in enumerate(word_lists):
+            for word in set(word_list):
+                where.setdefault(word, []).append(i)
+        found: list[Found] = [{} for _ in sentences]
+        todo = self._scan_words(where, found)
+        if CJK_CHAR.search(joined := "".join(sentences)):
+            todo += self._scan_cjk(joined, sentences, found)
+        spaced = [f" {' '.join(word_list)} " for word_list in word_lists]
+        present = where.keys()
+        for at, others in todo:
+            for atom, needs, how, matcher in others:
+                if needs <= present:
+                    for i in at:
+                        shown = None if atom in found[i] else _confirm(how, matcher, sentences[i], spaced[i])
+                        if shown is not None:
+                            found[i][atom] = shown
         return found
 
-    def matches(self, text: str) -> list[tuple[Rule, list[str]]]:
-        """Rules that hold for `text`, in load order, each with what matched."""
-        norm = self.normalize(text)
-        found = self.scan(norm)
-        candidates = {i for atom in found for i in self._by_first_group.get(atom, ())}
-        hits = []
-        for i in sorted(candidates.union(self._pattern_only)):
-            rule = self.rules[i]
-            if not rule.unless.isdisjoint(found) or (shown := _evidence(rule.groups, found)) is None:
-                continue
-            if rule.pattern:
-                if not (match := rule.pattern.search(norm)):
+    def _scan_words(self, where: dict[str, list[int]], found: list[Found]) -> list[Todo]:
+        """Record lone words; return the other entries of each bucket part
+        whose second word is in the message, with the sentences to try."""
+        todo: list[Todo] = []
+        for word, at in where.items():
+            bucket = self._cache.get(word)
+            for second, (alone, others) in self._file_word(word) if bucket is None else bucket:
+                if second and second not in where:
                     continue
-                shown.append(match.group(0))
-            hits.append((rule, shown))
+                for i in at if alone else ():
+                    for atom in alone:
+                        found[i].setdefault(atom, word)
+                if others:
+                    todo.append((at, others))
+        return todo
+
+    def _scan_cjk(self, joined: str, sentences: list[str], found: list[Found]) -> list[Todo]:
+        """Record plain CJK runs; return the other entries of the message's CJK keys."""
+        chars = set(joined)
+        heads = [self._chars[char] for char in self._heads.intersection(chars)]
+        runs = [run for head_runs, _ in heads for run in head_runs if run[2] <= chars]
+        for sentence, part in zip(sentences, found, strict=True):
+            for atom, text, _ in runs:
+                if text in sentence:
+                    part.setdefault(atom, text)
+        return [(range(len(sentences)), others) for _, others in heads if others]
+
+    def matches(self, text: str) -> list[tuple[Rule, list[str]]]:
+        """Rules that hold for `text`, in load order, each with what matched.
+        Found phrases vote for the groups they satisfy and the rules they
+        block or guard, so only rules with every group met are looked at."""
+        # A repeated sentence (a pasted error, a re-sent line) is evidence once.
+        split = _SENTENCE_END.split(self.normalize(text))
+        sentences = list(dict.fromkeys(s for s in split if s and not s.isspace()))
+        per_sentence = self.scan(sentences)
+        found: Found = {}
+        for part in reversed(per_sentence):
+            found.update(part)
+        met = dict.fromkeys(self._pattern_only, 0)  # rule -> a bit per group with a phrase present
+        blocked: set[int] = set()
+        guarded: set[int] = set()
+        for atom in found:
+            for i, bit in self._groups_of.get(atom, ()):
+                met[i] = met.get(i, 0) | bit
+            blocked.update(self._blocks.get(atom, ()))
+            guarded.update(self._guards.get(atom, ()))
+        hits = []
+        for i in sorted(met.keys() - blocked):
+            rule = self.rules[i]
+            if met[i] != self._all_groups[i]:
+                continue
+            if len(sentences) > 1 and (rule.same_sentence or i in guarded):
+                shown = _by_sentence(rule, sentences, per_sentence)
+            else:
+                shown = None if i in guarded else _evidence(rule, sentences, found)
+            if shown is not None:
+                hits.append((rule, shown))
         return hits
 
 
-def _normalizer(fold: dict[str, str]) -> Callable[[str], str]:
-    """Lowercase, then per character: the rule files' `fold` pairs, full-width
-    letters and digits to ASCII, apostrophes dropped. Not NFKC: the
-    full-width punctuation of every Chinese message makes NFKC the slowest
-    step of triage, and only letters and digits matter for matching."""
-    table = {**_ALWAYS, **fold}
-    chars = re.compile("[" + re.escape("".join(table)) + "]")
-    return lambda text: chars.sub(lambda m: table[m.group()], text.lower())
+def _file(phrases: list[tuple[compiler.Units, compiler.Entry]]) -> Index:
+    """Entries filed by key word, key stem and key CJK character, the key
+    being the rarest unit. Function words, and words that are phrases on
+    their own ("login"), are in most messages: a phrase goes under another
+    of its words when it has one."""
+    uses = Counter(unit for units, _ in phrases for unit in set(units))
+    alone = {units[0] for units, _ in phrases if len(units) == 1}
+    alone_stems = tuple(unit[:-1] for unit in alone if unit.endswith("*"))
+
+    def rarity(unit: str) -> tuple[bool, bool, int, int]:
+        return unit in _FUNCTION_WORDS, unit in alone or unit.startswith(alone_stems), uses[unit], -len(unit)
+
+    filed: dict[str, dict[str, dict[str, list[compiler.Entry]]]] = {"word": {}, "stem": {}, "char": {}}
+    for units, entry in phrases:
+        plain = [unit for unit in units if not unit.endswith("*") and unit != "..."]
+        key = min(plain, key=rarity) if plain else units[0]
+        kind = "stem" if key.endswith("*") else "word" if WORD.fullmatch(key) else "char"
+        second = min(entry[1] - {key}, key=rarity, default="")
+        filed[kind].setdefault(key.rstrip("*"), {}).setdefault(second, []).append(entry)
+    words, stems = ({key: _bucket(by) for key, by in filed[kind].items()} for kind in ("word", "stem"))
+    chars = {}
+    for char, by_second in filed["char"].items():
+        entries = [entry for part in by_second.values() for entry in part]
+        runs = tuple((atom, text, frozenset(text)) for atom, _, how, text in entries if how == IN_TEXT)
+        chars[char] = runs, tuple(entry for entry in entries if entry[2] != IN_TEXT)
+    return words, list(stems.items()), chars
 
 
-def _regex(units: tuple[str, ...]) -> str:
-    """A phrase as a regex meaning the same as word matching. Each Latin word
-    is its literal first, then a look back for the boundary before it, so
-    the regex keeps a literal prefix and the search stays fast."""
-    out = []
-    for prev, unit in zip((None, *units), units, strict=False):
-        cjk = bool(_CJK_CHAR.fullmatch(unit))
-        if prev is not None and unit != "..." and not (cjk and _CJK_CHAR.fullmatch(prev)):
-            out.append(_SEP)
-        word = unit.rstrip("*")
-        if unit == "..." or cjk:
-            out.append(_GAP if unit == "..." else re.escape(unit))
-        else:
-            out.append(f"{word}(?<![a-z0-9]{word})" + ("[a-z0-9]*" if unit.endswith("*") else "(?![a-z0-9])"))
-    return "".join(out)
+def _invert(pairs: Iterable[tuple[int, Any]]) -> dict[int, list[Any]]:
+    inverted: dict[int, list[Any]] = {}
+    for key, value in pairs:
+        inverted.setdefault(key, []).append(value)
+    return inverted
 
 
-def _evidence(groups: tuple[frozenset[int], ...], found: dict[int, str]) -> list[str] | None:
-    """What matched per group (its first-defined phrase present); None if a group has none."""
+def _bucket(by_second: dict[str, list[compiler.Entry]]) -> Bucket:
+    return [
+        (second, (tuple(e[0] for e in group if e[2] == ALONE), tuple(e for e in group if e[2] != ALONE)))
+        for second, group in by_second.items()
+    ]
+
+
+def _confirm(how: int, matcher: Any, sentence: str, spaced: str) -> str | None:
+    """The text a phrase matched in a sentence, or None; the tests `scan` does not inline."""
+    if how == IN_WORDS:
+        return matcher.strip() if matcher in spaced else None
+    if how in (WORD_REGEX, REGEX):
+        match = matcher.search(spaced if how == WORD_REGEX else sentence)
+        return match.group(0).strip() if match else None
+    text, longer = matcher  # OUTSIDE_WORDS
+    inside = sum(sentence.count(word) * word.count(text) for word in longer)
+    return text if sentence.count(text) > inside else None
+
+
+def _evidence(rule: Rule, sentences: list[str], found: Found) -> list[str] | None:
+    """What matched per group (its first-defined phrase present) and the
+    pattern's match in one of `sentences`; None if anything is missing."""
     shown = []
-    for group in groups:
-        present = group.intersection(found)
-        if not present:
+    for group in rule.groups:
+        if not (present := group.intersection(found)):
             return None
         shown.append(found[min(present)])
-    return shown
+    if rule.pattern is None:
+        return shown
+    match = next((m for sentence in sentences if (m := rule.pattern.search(sentence))), None)
+    return [*shown, match.group(0)] if match else None
+
+
+def _by_sentence(rule: Rule, sentences: list[str], per_sentence: list[Found]) -> list[str] | None:
+    """Like `_evidence`, seeing only sentences free of the rule's sentence
+    guards, and with `same_sentence` one such sentence at a time."""
+    open_ = [
+        (s, f) for s, f in zip(sentences, per_sentence, strict=True) if rule.unless_in_sentence.isdisjoint(f)
+    ]
+    if rule.same_sentence:
+        views = [([sentence], found) for sentence, found in open_]
+    else:
+        merged: Found = {}
+        for _, found in reversed(open_):
+            merged.update(found)
+        views = [([sentence for sentence, _ in open_], merged)]
+    return next((shown for texts, found in views if (shown := _evidence(rule, texts, found))), None)
+
+
+def shipped_dir() -> Traversable:
+    """Where the shipped rules live: the installed `router.shipped` package,
+    or the repository's config/ when running from a checkout without it."""
+    try:
+        return importlib.resources.files("router.shipped")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "config"
+
+
+def load_rules(extra: Sequence[Path] = ()) -> RuleSet:
+    """Shipped rule files (by name), then the desk's own in the order given,
+    as one RuleSet; every problem in every file is raised at once as ConfigError."""
+    shipped = sorted((f for f in (shipped_dir() / "rules").iterdir() if f.name.endswith(".toml")), key=str)
+    return RuleSet(compiler.compile_rule_files([*shipped, *extra]))
+
+
+def new_text(text: str) -> str:
+    """The customer's own words: reply history ("On ... wrote:" and what
+    follows, "> " lines) cut off, as SPEC 4 says to judge. Channels should
+    already split it off; this catches the ones that cannot (chat pastes,
+    clients that quote inline). A message that is all quote is kept whole:
+    it is a forward, and the customer wants it read."""
+    if header := _QUOTE_HEADER.search(text):
+        text = text[: header.start()]
+    own = _QUOTED_LINE.sub("", text) if ">" in text else text
+    return own if own.strip() else text
 
 
 def classify(text: str, subject: str | None, rules: RuleSet, *, auto_generated: bool = False) -> Verdict:
@@ -203,7 +297,7 @@ def classify(text: str, subject: str | None, rules: RuleSet, *, auto_generated: 
     Auto-generated mail is low/general whatever it says: bounces and
     auto-replies quote alarming text ("your withdrawal failed") all the time.
     """
-    body = f"{subject}\n{text}" if subject else text
+    body = f"{subject}\n{new_text(text)}" if subject else new_text(text)
     language = detect_language(body)
     if auto_generated:
         return Verdict(Urgency.LOW, Category.GENERAL, "auto-generated message", language)
@@ -234,148 +328,3 @@ def _explain(hits: list[tuple[Rule, list[str]]]) -> str:
         if total >= 1.0 - 1e-9:
             break
     return ", ".join(parts)
-
-
-def shipped_dir() -> Traversable:
-    """Where the shipped rules live: the installed `router.shipped` package,
-    or the repository's config/ when running from a checkout without it."""
-    try:
-        return importlib.resources.files("router.shipped")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "config"
-
-
-def load_rules(extra: Sequence[Path] = ()) -> RuleSet:
-    """Shipped rule files (by name), then the desk's own, in the order given.
-
-    Phrase sets are merged over all files before any rule is compiled, so a
-    desk's file may add synonyms to a shipped set and every rule using it
-    picks them up. Every problem in every file is reported at once.
-    """
-    shipped = sorted((f for f in (shipped_dir() / "rules").iterdir() if f.name.endswith(".toml")), key=str)
-    loader = _Loader()
-    docs = [(str(source), doc) for source in [*shipped, *extra] if (doc := loader.read(source)) is not None]
-    for where, doc in docs:
-        loader.prepare(where, doc)
-    loader.normalize = _normalizer(loader.fold)
-    for where, doc in docs:
-        for i, raw in enumerate(doc.get("rules", [])):
-            loader.rule(f"{where}: rules[{i}]", raw)
-    if loader.problems:
-        raise ConfigError(loader.problems)
-    return RuleSet(loader.rules, list(loader.atoms), loader.normalize)
-
-
-class _Loader:
-    """Validates and compiles rule files, collecting every problem found."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-        self.fold: dict[str, str] = {}
-        self.sets: dict[str, list[tuple[str, object]]] = {}
-        self.atoms: dict[tuple[str, ...], int] = {}
-        self.rules: list[Rule] = []
-        self.normalize = _normalizer({})
-
-    def read(self, source: Traversable | Path) -> dict[str, Any] | None:
-        try:
-            return tomllib.loads(source.read_text(encoding="utf-8"))
-        except OSError as exc:
-            self.problems.append(f"{source}: cannot read: {exc.strerror or exc}")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            self.problems.append(f"{source}: not valid TOML: {exc}")
-        return None
-
-    def prepare(self, where: str, doc: dict[str, Any]) -> None:
-        """Top-level keys: `fold` pairs and `phrases` sets, needed by every rule."""
-        for key in doc.keys() - {"fold", "phrases", "rules"}:
-            self.problems.append(f"{where}: {key}: unknown key (expected fold, phrases, rules)")
-        if not isinstance(doc.get("rules", []), list):
-            self.problems.append(f"{where}: rules: must be an array of [[rules]] tables")
-            doc["rules"] = []
-        for i, pair in enumerate(_as_list(doc.get("fold", []))):
-            if isinstance(pair, str) and len(pair) == 2:
-                self.fold[pair[0].lower()] = pair[1].lower()
-            else:
-                self.problems.append(f"{where}: fold[{i}]: must be two characters, from and to")
-        phrases = doc.get("phrases", {})
-        if not isinstance(phrases, dict):
-            self.problems.append(f"{where}: phrases: must be a table of phrase lists")
-            return
-        for name, items in phrases.items():
-            entries = self.sets.setdefault(name, [])
-            entries += [(f"{where}: phrases.{name}[{i}]", item) for i, item in enumerate(_as_list(items))]
-
-    def rule(self, at: str, raw: object) -> None:
-        if not isinstance(raw, dict):
-            self.problems.append(f"{at}: must be a table")
-            return
-        problems = len(self.problems)
-        self.problems += [f"{at}.{key}: unknown key" for key in sorted(raw.keys() - _RULE_KEYS)]
-        name = raw.get("name")
-        if not isinstance(name, str) or not name.strip():
-            self.problems.append(f"{at}.name: required, the text shown in reasons")
-        category = self._parse(
-            f"{at}.category", Category, raw.get("category"), f"one of {', '.join(Category)}"
-        )
-        urgency = self._parse(f"{at}.urgency", Urgency, raw.get("urgency"), f"one of {', '.join(Urgency)}")
-        groups = [self._group(f"{at}.any", raw["any"])] if "any" in raw else []
-        for i, item in enumerate(_as_list(raw.get("all", []))):
-            groups.append(self._group(f"{at}.all[{i}]", item if isinstance(item, list) else [item]))
-        unless = self._group(f"{at}.unless", raw.get("unless", []), may_be_empty=True)
-        pattern = (
-            self._parse(f"{at}.pattern", re.compile, raw["pattern"], "a regular expression")
-            if "pattern" in raw
-            else None
-        )
-        weight = raw.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
-            self.problems.append(f"{at}.weight: must be a number above 0")
-        if not groups and "pattern" not in raw:
-            self.problems.append(f"{at}: needs at least one of any, all, pattern")
-        if len(self.problems) == problems and category and urgency and isinstance(name, str):
-            self.rules.append(Rule(name, category, urgency, tuple(groups), unless, pattern, float(weight)))
-
-    def _group(self, at: str, items: object, may_be_empty: bool = False) -> frozenset[int]:
-        """Phrases and `@set` references -> atom ids."""
-        items = _as_list(items)
-        if not items and not may_be_empty:
-            self.problems.append(f"{at}: must list at least one phrase")
-        atoms: set[int] = set()
-        for i, item in enumerate(items):
-            if isinstance(item, str) and item.startswith("@"):
-                if item[1:] not in self.sets:
-                    self.problems.append(f"{at}[{i}]: unknown phrase set {item!r}")
-                atoms.update(self._atom(where, phrase) for where, phrase in self.sets.get(item[1:], []))
-            else:
-                atoms.add(self._atom(f"{at}[{i}]", item))
-        return frozenset(atoms - {-1})
-
-    def _atom(self, at: str, phrase: object) -> int:
-        if not isinstance(phrase, str):
-            self.problems.append(f"{at}: must be a string")
-            return -1
-        norm = self.normalize(phrase)
-        if norm.startswith("@"):
-            self.problems.append(f"{at}: {phrase!r}: phrase sets cannot name other sets")
-            return -1
-        units = tuple(_PHRASE_UNIT.findall(norm))
-        if not units or "..." in (units[0], units[-1]):
-            self.problems.append(f"{at}: {phrase!r} needs a word to match (and '...' only between words)")
-            return -1
-        if _BAD_STAR.search(norm):
-            self.problems.append(f"{at}: {phrase!r}: '*' may only end a latin word")
-            return -1
-        return self.atoms.setdefault(units, len(self.atoms))
-
-    def _parse(self, at: str, parse: Callable[[Any], Any], value: object, expected: str) -> Any:
-        try:
-            return parse(value)
-        except (ValueError, TypeError, re.error) as exc:
-            detail = f": {exc}" if isinstance(exc, re.error) else ""
-            self.problems.append(f"{at}: {value!r} is not {expected}{detail}")
-            return None
-
-
-def _as_list(value: object) -> list[object]:
-    return value if isinstance(value, list) else [value]

@@ -17,6 +17,9 @@ from router.triage import RuleSet, classify, load_rules, shipped_dir
 from router.triage_eval import evaluate, format_report
 
 SAMPLE = Path(__file__).parent / "data" / "triage_sample.jsonl"
+# Written after the sample, by someone who had not read the rules, to measure
+# how the rules generalize (see its before/after figures in the PR notes).
+HOLDOUT = Path(__file__).parent / "data" / "triage_holdout.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +100,27 @@ def test_security_wins_over_every_other_category(rules: RuleSet) -> None:
     assert (verdict.urgency, verdict.category) == (Urgency.CRITICAL, Category.SECURITY)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Someone withdrew all my BTC last night. Do you have insurance for this?",
+        "What happens if my account gets hacked? Anyway, someone logged into it from Russia an hour ago.",
+        "I didn't lose any money, but there was a login from Brazil that wasn't me.",
+        "如果被盗了你们赔吗？我的账号刚刚被盗了，币全被转走了",
+    ],
+)
+def test_a_guard_cancels_only_its_own_sentence(rules: RuleSet, text: str) -> None:
+    assert classify(text, None, rules).category is Category.SECURITY
+
+
+def test_quoted_history_is_not_judged(rules: RuleSet) -> None:
+    reply = "thanks, all sorted!\n\nOn Tue, 5 Mar 2024, Support <help@example.com> wrote:\n> you were hacked"
+    assert classify(reply, None, rules).urgency is Urgency.LOW
+    assert classify("问题解决了，谢谢\n> 您的账户被盗了", None, rules).urgency is Urgency.LOW
+    forwarded = "> Your account is compromised, click here to secure it"
+    assert classify(forwarded, None, rules).urgency is Urgency.CRITICAL
+
+
 def test_subject_counts_as_text(rules: RuleSet) -> None:
     verdict = classify("please help", "Account hacked", rules)
     assert verdict.urgency is Urgency.CRITICAL
@@ -146,6 +170,56 @@ unless = ["what is a"]
     assert classify("a withdrawal that was not my doing", None, rules).category is Category.SECURITY
 
 
+def test_phrase_shorthands_and_scopes(tmp_path: Path) -> None:
+    ours = tmp_path / "shorthand.toml"
+    ours.write_text(
+        """
+words = ["冷钱包"]
+
+[phrases]
+actor = ["my cat", "the dog"]
+
+[[rules]]
+name = "pet on the keyboard"
+category = "security"
+urgency = "critical"
+all = ["{@actor} {walk~|sat} on", "keyboard"]
+same_sentence = true
+unless_in_sentence = ["{what|just} if"]
+
+[[rules]]
+name = "hot wallet"
+category = "general"
+urgency = "low"
+any = ["钱包"]
+
+[[rules]]
+name = "empty"
+category = "general"
+urgency = "low"
+any = ["钱包 ... 空"]
+""",
+        encoding="utf-8",
+    )
+    rules = load_rules([ours])
+    assert "walked on" in classify("My cat walked on the keyboard!", None, rules).reason
+    assert "sat on" in classify("the dog sat on my keyboard", None, rules).reason
+    assert "pet on" not in classify("My cat walked on the sofa. The keyboard is fine.", None, rules).reason
+    assert "pet on" not in classify("What if my cat walked on the keyboard?", None, rules).reason
+    assert "hot wallet" in classify("钱包里面是空的", None, rules).reason
+    assert "hot wallet" not in classify("冷钱包是空的", None, rules).reason  # "钱包" inside the word "冷钱包"
+    assert [(rule.name, shown) for rule, shown in rules.matches("钱包里面是空的")][-1] == (
+        "empty",
+        ["钱包里面是空"],
+    )
+
+
+def test_chinese_phrases_do_not_match_inside_longer_words(rules: RuleSet) -> None:
+    # "交易" (trade) inside "交易所" (exchange), "垃圾" (rubbish) inside "垃圾币" (junk coin)
+    assert classify("听说别的交易所出事了，你们没问题吧", None, rules).category is Category.GENERAL
+    assert classify("账号被人登了，把我的币全卖成了垃圾币", None, rules).category is Category.SECURITY
+
+
 def test_weights_make_weak_cues_count_only_together(tmp_path: Path) -> None:
     ours = tmp_path / "weak.toml"
     ours.write_text(
@@ -188,9 +262,10 @@ any = ["hello"]
 name = "broken"
 category = "secrity"
 urgency = "critical"
-any = ["@no_such_set", "with*draw"]
+any = ["@no_such_set", "with*draw", "{a|b", "{@no_such_set} x", "hack~ed"]
 pattern = "(unclosed"
 colour = "red"
+same_sentence = "yes"
 """,
         encoding="utf-8",
     )
@@ -201,6 +276,10 @@ colour = "red"
     assert any(p.startswith(f"{bad}: rules[1].category: 'secrity' is not one of security") for p in problems)
     assert f"{bad}: rules[1].any[0]: unknown phrase set '@no_such_set'" in problems
     assert any(p.startswith(f"{bad}: rules[1].any[1]: ") for p in problems)
+    assert any(p.startswith(f"{bad}: rules[1].any[2]: ") and "unbalanced" in p for p in problems)
+    assert any(p.startswith(f"{bad}: rules[1].any[3]: ") and "@no_such_set" in p for p in problems)
+    assert any(p.startswith(f"{bad}: rules[1].any[4]: ") and "'~'" in p for p in problems)
+    assert f"{bad}: rules[1].same_sentence: must be true or false" in problems
     assert f"{bad}: rules[1].colour: unknown key" in problems
     assert not any("rules[0]" in p for p in problems)
 
@@ -230,13 +309,25 @@ def test_sample_covers_the_policy_in_both_languages() -> None:
     assert Counter(row["urgency"] for row in rows)["critical"] >= 30
 
 
-def test_eval_on_the_sample_meets_targets(rules: RuleSet) -> None:
-    result = evaluate(SAMPLE, rules)
+@pytest.mark.parametrize("path", [SAMPLE, HOLDOUT], ids=["sample", "holdout"])
+def test_eval_meets_targets(rules: RuleSet, path: Path) -> None:
+    result = evaluate(path, rules)
     security = result["per_category"]["security"]
     assert security["recall"] >= 0.97
     assert security["precision"] >= 0.9
     assert result["urgency_accuracy"] >= 0.85
     assert len(result["predictions"]) == result["n"]
+
+
+def test_holdout_covers_the_policy_and_security_in_both_languages() -> None:
+    rows = [json.loads(line) for line in HOLDOUT.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 160
+    assert {row["urgency"] for row in rows} == set(Urgency)
+    assert {row["category"] for row in rows} == set(Category)
+    chinese = [row for row in rows if detect_language(row["text"]) == "zh"]
+    assert 0.3 <= len(chinese) / len(rows) <= 0.5
+    assert Counter(row["urgency"] for row in rows)["critical"] >= 45
+    assert Counter(row["urgency"] for row in chinese)["critical"] >= 15
 
 
 def test_evaluate_gives_exact_figures_on_a_tiny_file(rules: RuleSet, tmp_path: Path) -> None:
