@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,6 +27,9 @@ Command = Callable[[argparse.Namespace, Config], Awaitable[int]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Without --debug every error is one line on stderr
+    (a config error, one line per problem), never a traceback: users paste
+    that line into tickets, and a traceback may carry a secret."""
     args = parser().parse_args(argv)
     logs.setup(args.debug)
     if not getattr(args, "handler", None):
@@ -34,16 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = configuration.load(args.config)
         return asyncio.run(args.handler(args, config))
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return 1
-    except (RouterError, OSError, ValueError) as exc:
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
         if args.debug:
             raise
-        print(f"error: {logs.REDACT.scrub(str(exc))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
+        if isinstance(exc, ConfigError):
+            lines = exc.problems
+        elif isinstance(exc, RouterError | OSError | ValueError):
+            lines = [f"error: {exc}"]
+        else:
+            lines = [f"error: unexpected {type(exc).__name__}: {exc} (--debug shows where)"]
+        for line in lines:
+            print(logs.REDACT.scrub(line), file=sys.stderr)
         return 1
 
 
@@ -66,16 +73,28 @@ async def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    """Validate only: the rule files are compiled as `run` would, but no
+    store or channel is contacted, so it works before Redis is up."""
+    from router import triage
+
     s = config.settings
+    triage.load_rules([config.path(p) for p in s.triage.rules])
     for warning in config.warnings:
-        print(f"warning: {warning}")
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"config: {config.source}")
     print(f"store: {mask_url(s.store.url)}")
     print(f"listen: {s.server.listen}")
     print(f"channels: {', '.join(f'{c.name} ({c.type})' for c in s.channels) or 'none'}")
     print(f"teams: {', '.join(f'{t.name} ({t.assignment})' for t in s.teams)}")
-    print(f"routes: {len(s.routes)}")
+    routes = [f"{_describe(r.match)} -> {r.team}" for r in s.routes]
+    print(f"routes: {len(routes)}" + (f" ({'; '.join(routes)})" if routes else ""))
     return 0
+
+
+def _describe(match: dict[str, Any]) -> str:
+    if not match:
+        return "everything else"
+    return " and ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in match.items())
 
 
 async def cmd_channels_test(args: argparse.Namespace, config: Config) -> int:
@@ -93,6 +112,9 @@ async def cmd_channels_test(args: argparse.Namespace, config: Config) -> int:
         except DeliveryFailure as exc:
             failed += 1
             print(f"{name}: FAIL {logs.REDACT.scrub(str(exc))}")
+        except Exception as exc:  # one broken adapter must not hide the others' results
+            failed += 1
+            print(f"{name}: FAIL {type(exc).__name__}: {logs.REDACT.scrub(str(exc))}")
         finally:
             await channel.close()
     return 1 if failed else 0
@@ -101,11 +123,8 @@ async def cmd_channels_test(args: argparse.Namespace, config: Config) -> int:
 async def cmd_agents(args: argparse.Namespace, config: Config) -> int:
     async def work(store: Store) -> int:
         if args.action == "add":
-            teams = args.team or []
-            unknown = [t for t in teams if config.team(t) is None]
-            if unknown:
-                raise ConfigError([f"--team: no team named {unknown[0]!r}"])
-            token = await agents.create(store, args.name, teams, Role(args.role))
+            _known_teams(config, args.team)
+            token = await agents.create(store, args.name, args.team, Role(args.role))
             print(f"agent {args.name} created; its API token (shown once): {token}")
         elif args.action == "token":
             print(f"new API token for {args.name} (shown once): {await agents.rotate(store, args.name)}")
@@ -126,10 +145,22 @@ async def cmd_agents(args: argparse.Namespace, config: Config) -> int:
     return await _with_store(config, work)
 
 
+def _known_teams(config: Config, teams: list[str]) -> None:
+    if unknown := [t for t in teams if config.team(t) is None]:
+        known = ", ".join(t.name for t in config.settings.teams)
+        raise RouterError(f"--team: no team named {unknown[0]!r} (teams: {known})")
+
+
 async def cmd_inbox(args: argparse.Namespace, config: Config) -> int:
+    """A misspelt team or agent would show an empty inbox, which reads as
+    "nothing to do": refuse it instead."""
     from router.model import InboxQuery
 
+    _known_teams(config, [args.team] if args.team else [])
+
     async def work(store: Store) -> int:
+        if args.mine and await store.get_agent(args.agent) is None:
+            raise RouterError(f"no agent {args.agent!r} (see `support-router agents list`)")
         query = InboxQuery(team=args.team, assignee=args.agent if args.mine else None, limit=500)
         rows: list[dict[str, Any]] = []
         while True:
@@ -185,11 +216,22 @@ async def cmd_deadletters(args: argparse.Namespace, config: Config) -> int:
                 raise RouterError(f"no retryable dead letter {args.id!r}")
             print(f"{args.id} queued again")
             return 0
-        for dead in await store.list_dead_letters():
+        dead_letters = await store.list_dead_letters()
+        for dead in dead_letters:
             print(f"{dead.id}\t{dead.channel}\t{dead.attempts}\t{dead.error}")
+        if not dead_letters:
+            print("no dead letters")
         return 0
 
     return await _with_store(config, work)
+
+
+def _agent_name(name: str) -> str:
+    """Names are typed in `--agent`, shown in tab-separated lists and sent
+    in the API's assign calls: no blanks, separators or empty names."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+        raise argparse.ArgumentTypeError(f"{name!r}: use letters, digits, . _ @ - (at most 64)")
+    return name
 
 
 def _common(default: Any) -> argparse.ArgumentParser:
@@ -214,15 +256,17 @@ def parser() -> argparse.ArgumentParser:
 
     command("run", cmd_run, "run the daemon")
     command("check-config", cmd_check_config, "validate the config")
-    channels = sub.add_parser("channels", help="channel tools").add_subparsers(
+    channels = sub.add_parser("channels", parents=[common], help="channel tools").add_subparsers(
         metavar="ACTION", required=True
     )
     command("test", cmd_channels_test, "connect each channel", channels).add_argument("name", nargs="?")
 
-    agent_cmds = sub.add_parser("agents", help="manage agents").add_subparsers(dest="action", required=True)
+    agent_cmds = sub.add_parser("agents", parents=[common], help="manage agents").add_subparsers(
+        dest="action", required=True
+    )
     add = command("add", cmd_agents, "create an agent, print its token", agent_cmds)
-    add.add_argument("name")
-    add.add_argument("--team", action="append")
+    add.add_argument("name", type=_agent_name)
+    add.add_argument("--team", action="append", required=True)
     add.add_argument("--role", choices=[r.value for r in Role], default="agent")
     command("list", cmd_agents, "list agents", agent_cmds)
     command("remove", cmd_agents, "remove an agent", agent_cmds).add_argument("name")
@@ -241,12 +285,14 @@ def parser() -> argparse.ArgumentParser:
     reply.add_argument("text")
     reply.add_argument("--agent", default="admin")
 
-    triage = sub.add_parser("triage", help="triage tools").add_subparsers(metavar="ACTION", required=True)
+    triage = sub.add_parser("triage", parents=[common], help="triage tools").add_subparsers(
+        metavar="ACTION", required=True
+    )
     evaluate = command("eval", cmd_triage_eval, "score triage on labeled JSONL", triage)
     evaluate.add_argument("file")
     evaluate.add_argument("--json", action="store_true")
 
-    dead = sub.add_parser("deadletters", help="messages that failed").add_subparsers(
+    dead = sub.add_parser("deadletters", parents=[common], help="messages that failed").add_subparsers(
         dest="action", required=True
     )
     command("list", cmd_deadletters, "list dead letters", dead)

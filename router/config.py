@@ -1,8 +1,9 @@
 """TOML -> validated settings.
 
 Problems are collected, not raised one by one, so `check-config` can list
-them all as `FILE: key.path: what is wrong`. Secrets become `SecretStr` the
-moment they are read, so no repr, log line or error message can show them.
+them all as `FILE: key.path: what is wrong` and a user fixes a file in one
+pass. Values taken from the environment or from `<key>_file` may be secrets:
+they are masked in every message, and no message echoes a secret key's value.
 """
 
 from __future__ import annotations
@@ -13,19 +14,23 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from router.errors import ConfigError
-from router.model import Urgency
+from router.model import Category, Urgency
 
 DEFAULT_STORE_URL = "sqlite:///var/router.db"
 DEFAULT_LISTEN = "127.0.0.1:8080"
 MATCH_KEYS = ("category", "urgency", "channel", "language")
+NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SECRET_KEY = re.compile(r"(secret|password|token)$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MIN_MASKED = 6  # shorter values would mask ordinary words in messages
 
 
 def parse_duration(value: str | int | float) -> timedelta:
@@ -36,6 +41,14 @@ def parse_duration(value: str | int | float) -> timedelta:
     if not match:
         raise ValueError(f"{value!r} is not a duration like 15m, 1h, 30s or 1d")
     return timedelta(seconds=float(match[1]) * _UNIT_S[match[2]])
+
+
+def _duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
 
 
 class _Strict(BaseModel):
@@ -51,7 +64,7 @@ class ServerConfig(_Strict):
     def _host_port(cls, value: str) -> str:
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port")
+            raise ValueError(f"{value!r} is not host:port (like 127.0.0.1:8080)")
         return value
 
     @property
@@ -63,15 +76,28 @@ class ServerConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
 
+def _store_url(value: str) -> str:
+    """Checked without connecting, so check-config can vouch for it; never
+    echoes the URL, which may carry a password."""
+    try:
+        parts = urlsplit(value)
+        redis = parts.scheme in ("redis", "rediss") and bool(parts.hostname) and (parts.port or 0) >= 0
+    except ValueError:  # a port that is not a number
+        redis = False
+    if redis or (value.startswith("sqlite:///") and len(value) > len("sqlite:///")):
+        return value
+    raise ValueError("is not sqlite:///relative.db, sqlite:////absolute.db or redis://:password@host:6379/0")
+
+
 class StoreConfig(_Strict):
-    url: str = DEFAULT_STORE_URL
+    url: Annotated[str, AfterValidator(_store_url)] = DEFAULT_STORE_URL
 
 
 class ChannelConfig(BaseModel):
     """Name and type; the rest is validated by the channel's own Settings."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    name: str = Field(pattern=NAME)
     type: str
 
     @property
@@ -80,21 +106,15 @@ class ChannelConfig(BaseModel):
 
 
 class TeamConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    name: str = Field(pattern=NAME)
     assignment: Literal["round_robin", "least_open", "manual"] = "round_robin"
 
 
 class RouteConfig(_Strict):
-    match: dict[str, str | list[str]] = {}
+    match: dict[str, Any] = {}
+    """Keys and values are checked in `_check_routes`, which also knows the
+    channel names: a typo would make a route silently never match."""
     team: str
-
-    @field_validator("match")
-    @classmethod
-    def _known_keys(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
-        unknown = sorted(set(value) - set(MATCH_KEYS))
-        if unknown:
-            raise ValueError(f"unknown match key {unknown[0]!r} (use {', '.join(MATCH_KEYS)})")
-        return value
 
     def matches(self, facts: dict[str, str]) -> bool:
         for key, wanted in self.match.items():
@@ -105,16 +125,10 @@ class RouteConfig(_Strict):
 
 
 class SLAConfig(_Strict):
-    critical: str = "15m"
-    high: str = "1h"
-    normal: str = "4h"
-    low: str = "24h"
-
-    @field_validator("critical", "high", "normal", "low")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    critical: Duration = "15m"
+    high: Duration = "1h"
+    normal: Duration = "4h"
+    low: Duration = "24h"
 
     def target(self, urgency: Urgency) -> timedelta:
         return parse_duration(getattr(self, urgency.value))
@@ -132,13 +146,7 @@ class AcksConfig(_Strict):
 
 class OutboxConfig(_Strict):
     max_attempts: int = Field(default=8, ge=1)
-    backoff_max: str = "10m"
-
-    @field_validator("backoff_max")
-    @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
-        return value
+    backoff_max: Duration = "10m"
 
 
 class PipelineConfig(_Strict):
@@ -184,6 +192,7 @@ BUILTIN: dict[str, Any] = {
     ],
     "routes": [{"match": {"category": "security"}, "team": "security"}, {"match": {}, "team": "support"}],
 }
+OVERRIDES = {("store", "url"): "ROUTER_STORE_URL", ("server", "listen"): "ROUTER_LISTEN"}
 
 
 def config_path(explicit: str | None) -> Path | None:
@@ -198,36 +207,16 @@ def config_path(explicit: str | None) -> Path | None:
 def load(explicit: str | None = None) -> Config:
     path = config_path(explicit)
     if path is None:
-        return _build(dict(BUILTIN), "built-in defaults", Path.cwd())
+        return _Loader("built-in defaults", Path.cwd()).build(BUILTIN)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError([f"{path}: file not found"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+        raise ConfigError([f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    return _build(raw, str(path), path.resolve().parent)
-
-
-def _build(raw: dict[str, Any], source: str, base_dir: Path) -> Config:
-    problems: list[str] = []
-    data = _resolve(raw, (), problems, base_dir)
-    if url := os.environ.get("ROUTER_STORE_URL"):
-        data.setdefault("store", {})["url"] = url
-    if listen := os.environ.get("ROUTER_LISTEN"):
-        data.setdefault("server", {})["listen"] = listen
-    if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
-    try:
-        settings = Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError([f"{source}: {_key_path(e['loc'])}: {e['msg']}" for e in exc.errors()]) from None
-    warnings: list[str] = []
-    problems = _cross_check(settings, warnings)
-    if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
-    return Config(settings, source, base_dir, [f"{source}: {w}" for w in warnings])
+    return _Loader(str(path), path.resolve().parent).build(raw)
 
 
 def _key_path(loc: tuple[Any, ...]) -> str:
@@ -237,70 +226,177 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _resolve(value: Any, loc: tuple[Any, ...], problems: list[str], base_dir: Path) -> Any:
-    """Expand ${VAR} in strings and read `<key>_file` secrets, recursively."""
-    if isinstance(value, dict):
+_PLAIN = {
+    "extra_forbidden": "unknown key",
+    "missing": "is required",
+    "model_type": "must be a table",
+    "string_pattern_mismatch": "must be 1-40 characters: lower-case letters, digits, - and _",
+}
+
+
+def _explain(error: Any) -> str:
+    """Pydantic's wording, made to read like the rest of our messages."""
+    return _PLAIN.get(error["type"]) or str(error["msg"]).removeprefix("Value error, ")
+
+
+class _Loader:
+    """One load: expands the raw TOML, validates it, and keeps every problem."""
+
+    def __init__(self, source: str, base_dir: Path) -> None:
+        self.source, self.base_dir = source, base_dir
+        self.problems: dict[str, list[str]] = {}
+        self.masked: set[str] = set()
+        self.origin: dict[str, str] = {}
+        self.unreadable: set[str] = set()
+
+    def problem(self, path: str, what: str) -> None:
+        """A key whose value could not even be read gets one message, not
+        a second one about the placeholder left in its place."""
+        if path not in self.unreadable and what not in self.problems.setdefault(path, []):
+            self.problems[path].append(what)
+
+    def build(self, raw: dict[str, Any]) -> Config:
+        data = self.resolve(raw, ())
+        self.unreadable = set(self.problems)
+        for (table, key), variable in OVERRIDES.items():
+            value = os.environ.get(variable)
+            if value and isinstance(data.setdefault(table, {}), dict):
+                data[table][key] = value
+                self.origin[f"{table}.{key}"] = variable
+        settings: Settings | None = None
+        try:
+            settings = Settings.model_validate(data)
+        except ValidationError as exc:
+            for error in exc.errors():
+                self.problem(_key_path(error["loc"]), _explain(error))
+        warnings = _cross_check(self, data)
+        if self.problems or settings is None:
+            raise ConfigError([self.line(p, w) for p, whats in self.problems.items() for w in whats])
+        return Config(settings, self.source, self.base_dir, [f"{self.source}: {w}" for w in warnings])
+
+    def line(self, path: str, what: str) -> str:
+        if path in self.origin:
+            what += f" (from {self.origin[path]})"
+        for value in sorted(self.masked, key=len, reverse=True):
+            what = what.replace(value, "***")
+        return f"{self.source}: {path}: {what}"
+
+    def resolve(self, value: Any, loc: tuple[Any, ...]) -> Any:
+        """Expand ${VAR} in strings and read `<key>_file` secrets, recursively."""
+        if isinstance(value, list):
+            return [self.resolve(item, (*loc, i)) for i, item in enumerate(value)]
+        if isinstance(value, str) and "$" in value:
+            return self.expand(value, loc)
+        if not isinstance(value, dict):
+            return value
         out: dict[str, Any] = {}
         for key, item in value.items():
-            resolved = _resolve(item, (*loc, key), problems, base_dir)
-            if key.endswith("_file") and isinstance(resolved, str) and loc and loc[0] == "channels":
-                target = key.removesuffix("_file")
-                try:
-                    out[target] = (base_dir / resolved).read_text(encoding="utf-8").strip()
-                except OSError as exc:
-                    problems.append(f"{_key_path((*loc, key))}: cannot read {resolved}: {exc.strerror}")
-            else:
+            resolved = self.resolve(item, (*loc, key))
+            target = key.removesuffix("_file")
+            if target == key:
                 out[key] = resolved
+            elif target in value:
+                self.problem(_key_path((*loc, key)), f"give {target} or {key}, not both")
+            elif not isinstance(resolved, str):
+                self.problem(_key_path((*loc, key)), "must be a file path")
+            else:
+                out[target] = self.read_secret(resolved, (*loc, key))
+            if _SECRET_KEY.search(target) and isinstance(out.get(target), str):
+                self.mask(out[target])
+                if not out[target] and _key_path((*loc, key)) not in self.problems:
+                    self.problem(_key_path((*loc, key)), "is empty")
         return out
-    if isinstance(value, list):
-        return [_resolve(item, (*loc, i), problems, base_dir) for i, item in enumerate(value)]
-    if isinstance(value, str) and "$" in value:
-        return _expand(value, loc, problems)
-    return value
 
-
-def _expand(value: str, loc: tuple[Any, ...], problems: list[str]) -> str:
-    def replace(match: re.Match[str]) -> str:
-        if match[0] == "$${":
-            return "${"
-        if match[1] not in os.environ:
-            problems.append(f"{_key_path(loc)}: environment variable {match[1]} is not set")
+    def read_secret(self, name: str, loc: tuple[Any, ...]) -> str:
+        path = self.base_dir / Path(name).expanduser()
+        try:
+            secret = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or "not UTF-8 text"
+            self.problem(_key_path(loc), f"cannot read {path}: {why}")
             return ""
-        return os.environ[match[1]]
+        self.mask(secret)
+        return secret
 
-    return _VAR.sub(replace, value)
+    def mask(self, value: str) -> None:
+        if len(value) >= _MIN_MASKED:
+            self.masked.add(value)
+
+    def expand(self, value: str, loc: tuple[Any, ...]) -> str:
+        def replace(match: re.Match[str]) -> str:
+            if match[0] == "$${":
+                return "${"
+            if match[1] not in os.environ:
+                self.problem(_key_path(loc), f"environment variable {match[1]} is not set")
+                return ""
+            self.mask(os.environ[match[1]])
+            return os.environ[match[1]]
+
+        return _VAR.sub(replace, value)
 
 
-def _cross_check(settings: Settings, warnings: list[str]) -> list[str]:
-    """What one field cannot know: names unique, routes point at teams."""
+def _tables(value: Any) -> list[tuple[int, dict[str, Any]]]:
+    return [(i, t) for i, t in enumerate(value) if isinstance(t, dict)] if isinstance(value, list) else []
+
+
+def _cross_check(loader: _Loader, data: dict[str, Any]) -> list[str]:
+    """What one field cannot know, checked on the raw data so it runs even
+    when other sections failed. Returns the warnings."""
+    channels = _check_channels(loader, data)
+    teams = [n for _, t in _tables(data.get("teams")) if isinstance(n := t.get("name"), str)]
+    if not data.get("teams"):
+        loader.problem("teams", "at least one [[teams]] table is needed")
+    for i, name in enumerate(teams):
+        if name in teams[:i]:
+            loader.problem(f"teams[{i}].name", f"duplicate team name {name!r}")
+    routes = _tables(data.get("routes"))
+    for i, route in routes:
+        if isinstance(team := route.get("team"), str) and team not in teams:
+            loader.problem(f"routes[{i}].team", f"no team named {team!r}")
+        _check_match(loader, f"routes[{i}].match", route.get("match"), channels)
+    acks = data.get("acks")
+    templates = acks.get("templates") if isinstance(acks, dict) else None
+    if isinstance(templates, str) and not (loader.base_dir / templates).is_dir():
+        loader.problem("acks.templates", f"no folder {loader.base_dir / templates}")
+    if routes and routes[-1][1].get("match"):
+        return ["routes: the last route is not a catch-all (match = {}); unmatched ones go to the first team"]
+    return []
+
+
+def _check_channels(loader: _Loader, data: dict[str, Any]) -> list[str]:
+    """Names unique, types known, each adapter's own keys; returns the names."""
     from channels import REGISTRY
 
-    problems: list[str] = []
-    seen: set[str] = set()
-    for i, channel in enumerate(settings.channels):
-        if channel.name in seen:
-            problems.append(f"channels[{i}].name: duplicate channel name {channel.name!r}")
-        seen.add(channel.name)
-        adapter = REGISTRY.get(channel.type)
+    names: list[str] = []
+    for i, channel in _tables(data.get("channels")):
+        name, kind = channel.get("name"), channel.get("type")
+        if isinstance(name, str):
+            if name in names:
+                loader.problem(f"channels[{i}].name", f"duplicate channel name {name!r}")
+            names.append(name)
+        adapter = REGISTRY.get(kind) if isinstance(kind, str) else None
         if adapter is None:
-            problems.append(
-                f"channels[{i}].type: unknown channel type {channel.type!r} ({', '.join(REGISTRY)})"
-            )
+            if isinstance(kind, str):
+                known = ", ".join(REGISTRY)
+                loader.problem(f"channels[{i}].type", f"unknown channel type {kind!r} (known: {known})")
             continue
         try:
-            adapter.Settings.model_validate(channel.options)
+            adapter.Settings.model_validate({k: v for k, v in channel.items() if k not in ("name", "type")})
         except ValidationError as exc:
-            problems += [f"channels[{i}].{_key_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
-    teams = [t.name for t in settings.teams]
-    if not teams:
-        problems.append("teams: at least one team is needed")
-    for name in {t for t in teams if teams.count(t) > 1}:
-        problems.append(f"teams: duplicate team name {name!r}")
-    for i, route in enumerate(settings.routes):
-        if route.team not in teams:
-            problems.append(f"routes[{i}].team: no team named {route.team!r}")
-    if settings.routes and settings.routes[-1].match:
-        warnings.append(
-            "routes: the last route is not a catch-all; unmatched conversations go to the first team"
-        )
-    return problems
+            for error in exc.errors():
+                loader.problem(f"channels[{i}].{_key_path(error['loc'])}", _explain(error))
+    return names
+
+
+def _check_match(loader: _Loader, where: str, match: Any, channels: list[str]) -> None:
+    """Known keys, and values that can occur, each key a string or a list."""
+    allowed = {"category": list(Category), "urgency": list(Urgency), "channel": list(dict.fromkeys(channels))}
+    for key, wanted in match.items() if isinstance(match, dict) else []:
+        values = [wanted] if isinstance(wanted, str) else wanted
+        if key not in MATCH_KEYS:
+            loader.problem(f"{where}.{key}", f"unknown match key (use {', '.join(MATCH_KEYS)})")
+        elif not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            loader.problem(f"{where}.{key}", "must be a string or a list of strings")
+        elif bad := [v for v in values if key in allowed and v not in allowed[key]]:
+            known = ", ".join(allowed[key]) or "none"
+            loader.problem(f"{where}.{key}", f"{bad[0]!r} is not one of {known}")
