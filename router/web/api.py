@@ -8,11 +8,13 @@ import json
 from enum import Enum
 from typing import Any, TypeVar
 
+import nh3
 from aiohttp import web
 
 from router import agents
 from router.errors import BadInbound
-from router.model import Agent, Event, InboxQuery, Presence, Role, Status, Urgency
+from router.model import Agent, Event, InboxQuery, Message, Presence, Role, Status, Urgency
+from router.web import inbox
 from router.web.app import SERVICES
 
 routes = web.RouteTableDef()
@@ -20,21 +22,56 @@ MAX_LIMIT = 500
 HEARTBEAT_S = 15.0
 AGENT = web.RequestKey("agent", Agent)
 E = TypeVar("E", bound=Enum)
+HTML_TAGS = nh3.ALLOWED_TAGS - {"img"}
+
+
+async def authenticate(request: web.Request) -> Agent | None:
+    """The agent behind the bearer token, else behind the web inbox's session
+    cookie (which raises 403 for a state-changing request without its CSRF
+    header). Not cached: the event stream re-checks it while it runs."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return await inbox.session_agent(request)
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return await agents.authenticate(request.app[SERVICES].store, token.strip())
 
 
 async def current_agent(request: web.Request) -> Agent:
-    """The agent behind the request's bearer token, or 401."""
+    """The agent behind the request, or 401."""
     if AGENT in request:
         return request[AGENT]
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    agent = None
-    if scheme.lower() == "bearer" and token:
-        agent = await agents.authenticate(request.app[SERVICES].store, token.strip())
+    agent = await authenticate(request)
     if agent is None:
         raise BadInbound(401, "unauthorized", "a valid agent token is required (Authorization: Bearer ...)")
     request[AGENT] = agent
     return agent
+
+
+def safe_html(html: str | None) -> str | None:
+    """Customer HTML as any page may show it (SPEC 6 promise 5): nh3 drops
+    scripts, styles, event handlers, images (remote ones track the reader)
+    and every URL scheme but http, https and mailto. Done where messages are
+    served, so nothing a channel or an older version stored reaches a page
+    unsanitized."""
+    if not html:
+        return None
+    return nh3.clean(
+        html,
+        tags=HTML_TAGS,
+        url_schemes={"http", "https", "mailto"},
+        link_rel="noopener noreferrer nofollow",
+        set_tag_attribute_values={"a": {"target": "_blank"}},
+    )
+
+
+def message_json(message: Message | dict[str, Any]) -> dict[str, Any]:
+    """A message as served to agents, its HTML sanitized."""
+    data = message.to_dict() if isinstance(message, Message) else dict(message)
+    if data.get("html"):
+        data["html"] = safe_html(data["html"])
+    return data
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -88,7 +125,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     conversation = await services.desk.conversation(request.match_info["ref"])
     messages = await services.store.conversation_messages(conversation.id)
-    return web.json_response({**conversation.to_dict(), "messages": [m.to_dict() for m in messages]})
+    return web.json_response({**conversation.to_dict(), "messages": [message_json(m) for m in messages]})
 
 
 @routes.post("/api/v1/conversations/{ref}/messages")
@@ -101,7 +138,7 @@ async def reply(request: web.Request) -> web.Response:
         message = await request.app[SERVICES].desk.reply(request.match_info["ref"], agent, text)
     except ValueError as exc:
         raise BadInbound(400, "invalid_body", str(exc)) from None
-    return web.json_response(message.to_dict(), status=202)
+    return web.json_response(message_json(message), status=202)
 
 
 @routes.post("/api/v1/conversations/{ref}/assign")
@@ -134,7 +171,7 @@ async def set_urgency(request: web.Request) -> web.Response:
 async def retry_delivery(request: web.Request) -> web.Response:
     await current_agent(request)
     message = await request.app[SERVICES].desk.retry_delivery(request.match_info["id"])
-    return web.json_response(message.to_dict(), status=202)
+    return web.json_response(message_json(message), status=202)
 
 
 @routes.get("/api/v1/agents")
@@ -169,7 +206,9 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events; a comment line every 15 s keeps proxies open."""
+    """Server-sent events; a comment line every 15 s keeps proxies open, and
+    then the agent is checked again, so a removed or rotated token (or an
+    expired session) ends the stream and the page signs out."""
     await current_agent(request)
     services = request.app[SERVICES]
     response = web.StreamResponse(
@@ -194,10 +233,13 @@ async def events(request: web.Request) -> web.StreamResponse:
             )
             if getting not in done:
                 getting.cancel()
+                if await authenticate(request) is None:
+                    break
                 await response.write(b": keep-alive\n\n")
                 continue
             event = getting.result()
-            await response.write(f"event: {event.type}\ndata: {json.dumps(event.data)}\n\n".encode())
+            data = message_json(event.data) if event.type.startswith("message.") else event.data
+            await response.write(f"event: {event.type}\ndata: {json.dumps(data)}\n\n".encode())
     except ConnectionResetError:
         pass
     finally:

@@ -1,9 +1,10 @@
-"""Channel HTTP routes: webhook ingress and pull-mode outbound (SPEC 5)."""
+"""Channel HTTP routes: webhook ingress, pull-mode outbound, Telegram's webhook (SPEC 5)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from channels.telegram import TelegramChannel
 from channels.webhook import WebhookChannel
 from router import metrics
 from router.errors import BadInbound
@@ -66,3 +67,27 @@ async def outbound(request: web.Request) -> web.Response:
             payloads.append(channel.payload(message, conversations[key]))
     cursor = messages[-1].seq if messages else after
     return web.json_response({"messages": payloads, "next": str(cursor or "")})
+
+
+@routes.post("/channels/{name}/telegram")
+async def telegram(request: web.Request) -> web.Response:
+    """Telegram's webhook: size, channel, secret, then the update. 200 only
+    once its message is durably queued; anything else makes Telegram retry."""
+    name = request.match_info["name"]
+    try:
+        if (request.content_length or 0) > MAX_BODY:
+            raise BadInbound(413, "payload_too_large", "body over 1 MiB")
+        channel = request.app[SERVICES].channels.get(name)
+        if not isinstance(channel, TelegramChannel) or not channel.takes_webhooks:
+            raise BadInbound(404, "unknown_channel", f"no Telegram webhook channel named {name!r}")
+        channel.verify(request.headers)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadInbound(413, "payload_too_large", "body over 1 MiB") from None
+        await channel.receive(body)
+    except BadInbound as exc:
+        metrics.REJECTED.labels(name[:40], exc.code).inc()
+        raise
+    # Empty: a JSON body with a "method" would be run by Telegram as a Bot API call.
+    return web.Response()
