@@ -13,15 +13,31 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from router.model import Accepted, Conversation, Message
+from router.model import Accepted, Conversation, DeadLetter, Message
+
+if TYPE_CHECKING:
+    from router.config import Config
 
 
 class Sink(Protocol):
     async def __call__(self, message: Message) -> Accepted: ...
+
+
+class ChannelStore(Protocol):
+    """The part of the store a channel may use directly (the daemon hands
+    its Store to `bind_store`): its own durable checkpoint (an IMAP
+    folder's UIDVALIDITY and last UID) and the dead letters, for raw input
+    it cannot turn into a Message (an email that does not parse)."""
+
+    async def get_checkpoint(self, key: str) -> str | None: ...
+
+    async def put_checkpoint(self, key: str, value: str) -> None: ...
+
+    async def add_dead_letter(self, channel: str, payload: str, error: str) -> DeadLetter: ...
 
 
 class ChannelSettings(BaseModel):
@@ -42,11 +58,22 @@ class Channel(ABC):
     (an IMAP mailbox, a Telegram bot in polling mode). Such a loop must run
     in one process at a time, so the daemon runs `poll` only while it holds
     the channel's lease."""
+    store: ChannelStore | None = None
 
     def __init__(self, name: str, settings: ChannelSettings, state_dir: Path) -> None:
         self.name = name
         self.settings = settings
         self.state_dir = state_dir
+
+    def configure(self, config: Config) -> None:  # noqa: B027 - most channels need only their own table
+        """Take what a channel needs from outside its `[[channels]]` table
+        (Telegram: `server.public_url` to register its webhook, the ack
+        templates for its welcome text); raise ConfigError when it is missing."""
+
+    def bind_store(self, store: ChannelStore) -> None:
+        """Called by the daemon before `open`; channels that keep no
+        checkpoint and parse everything they get can ignore it."""
+        self.store = store
 
     async def open(self, sink: Sink) -> None:
         """Start receiving. Push channels only keep the sink for their routes."""

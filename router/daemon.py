@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -21,10 +24,11 @@ from pydantic import SecretStr
 from channels import REGISTRY
 from channels.base import Channel
 from channels.webhook import WebhookChannel
-from router import agents, pollers, triage
+from router import agents, leases, pollers, triage
 from router.acks import Templates
 from router.config import Config
 from router.desk import Desk
+from router.errors import StoreError
 from router.model import Role
 from router.outbox import Outbox
 from router.pipeline import Pipeline
@@ -33,6 +37,7 @@ from router.web.app import Services, create_app
 
 log = logging.getLogger(__name__)
 STOP_BUDGET_S = 8.0
+RECONNECT_MAX_S = 5.0
 
 
 def state_dir() -> Path:
@@ -51,6 +56,7 @@ def build_channels(config: Config, say: Callable[[str], None] = print) -> dict[s
             if isinstance(value, SecretStr):
                 logs.add_secret(value.get_secret_value())
         channel = adapter(spec.name, settings, state_dir())
+        channel.configure(config)
         if isinstance(channel, WebhookChannel) and channel.generated_secret:
             logs.add_secret(channel.generated_secret)
             say(f"webhook secret for channel {spec.name!r} (shown once): {channel.generated_secret}")
@@ -100,14 +106,22 @@ class Daemon:
         consumer = f"{socket.gethostname()}:{port}"
         self.outbox = Outbox(self.store, self.config, self.channels, consumer=f"{consumer}/outbox")
         self.tasks = [
-            asyncio.create_task(self.pipeline.run(f"{consumer}/w{i}", self.stop_workers))
+            asyncio.create_task(
+                keep_running(f"worker {i}", partial(self.pipeline.run, f"{consumer}/w{i}"), self.stop_workers)
+            )
             for i in range(settings.pipeline.workers)
         ]
-        self.tasks.append(asyncio.create_task(self.outbox.run(self.stop_workers)))
+        self.tasks.append(asyncio.create_task(keep_running("outbox", self.outbox.run, self.stop_workers)))
+        # A lease holder is this process, not its name: a restart on the same
+        # port must not pass for the process that held the lease before it.
+        holder = f"{consumer}/{secrets.token_hex(4)}"
         for name, channel in self.channels.items():
+            channel.bind_store(self.store)
             await channel.open(self.pipeline.accept)
             if channel.polls:
-                self.pollers.append(asyncio.create_task(pollers.supervise(channel, self.stop_input)))
+                poll = partial(pollers.supervise, channel)
+                held = leases.hold(self.store, f"poller:{name}", holder, poll, self.stop_input)
+                self.pollers.append(asyncio.create_task(held))
             log.info("channel %s (%s) started", name, channel.type)
         self.services.ready = True
         log.info("store %s; inbox at http://%s/", self.store.display_url, settings.server.listen)
@@ -133,6 +147,31 @@ class Daemon:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.store.close()
         log.info("stopped")
+
+
+Loop = Callable[[asyncio.Event], Awaitable[None]]
+
+
+async def keep_running(name: str, run: Loop, stop: asyncio.Event) -> None:
+    """Run a worker loop until `stop`, starting it again with backoff when it
+    fails: while the store is unreachable (a Redis restart) workers wait and
+    reconnect, and resume their own claims under their stable names."""
+    failures = 0
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        try:
+            await run(stop)
+            return
+        except Exception as exc:
+            failures = 1 if loop.time() - started > RECONNECT_MAX_S * 2 else failures + 1
+            delay = min(RECONNECT_MAX_S, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+            if isinstance(exc, StoreError):
+                log.warning("%s: %s; retrying in %.1f s", name, exc, delay)
+            else:
+                log.exception("%s failed; restarting in %.1f s", name, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
 
 async def run(config: Config) -> None:

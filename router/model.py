@@ -86,6 +86,12 @@ def format_time(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def first_line(text: str, limit: int = 160) -> str:
+    """The first non-blank line, cut at `limit` characters."""
+    line = next((stripped for line in text.splitlines() if (stripped := line.strip())), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None
@@ -134,7 +140,13 @@ class Message:
     `thread_key` is the channel's own threading key (webhook `conversation` or
     `from.id`, Telegram chat id); `references` are external ids this message
     answers (email In-Reply-To/References). `seq` is the store's queue order,
-    used as the pull-mode cursor.
+    used as the pull-mode cursor. An inbound edit (Telegram lets customers
+    edit what they sent) names the external id it changes in `edit_of`; the
+    pipeline gives that message the new text and keeps the earlier texts in
+    its `history`, oldest first. A delivery-failure report (an email bounce)
+    names the external id of our outbound message it returns in `bounce_of`,
+    with the remote server's reason in `bounce_error`; the pipeline marks
+    that message `failed`.
     """
 
     id: str
@@ -158,6 +170,10 @@ class Message:
     auto_generated: bool = False
     thread_key: str | None = None
     references: list[str] = field(default_factory=list)
+    edit_of: str | None = None
+    history: list[str] = field(default_factory=list)
+    bounce_of: str | None = None
+    bounce_error: str | None = None
     recipient: Party | None = None
     in_reply_to: str | None = None
     author: str | None = None
@@ -170,6 +186,7 @@ class Message:
         data["recipient"] = _flat(self.recipient) if self.recipient else None
         data["attachments"] = [_flat(a) for a in self.attachments]
         data["references"] = list(self.references)
+        data["history"] = list(self.history)
         data["received_at"] = format_time(self.received_at)
         if self.delivery is not None:
             data["delivery"] = _flat(self.delivery)
@@ -218,11 +235,16 @@ class Conversation:
     first_response_at: datetime | None = None
     message_count: int = 0
     acked: bool = False
+    preview: str | None = None
+    """The first line of the latest inbound text: what an inbox row shows
+    when there is no subject, without loading the thread."""
 
     def absorb(self, message: Message) -> None:
         """Take an inbound message's tags: the most urgent message (latest
         among equals) decides urgency, category and reason."""
         self.message_count += 1
+        if message.received_at >= self.last_message_at or self.preview is None:
+            self.preview = first_line(message.text)
         self.last_message_at = max(self.last_message_at, message.received_at)
         if self.subject is None and message.subject:
             self.subject = message.subject

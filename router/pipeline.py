@@ -22,6 +22,7 @@ from router.model import (
     Accepted,
     Conversation,
     Delivery,
+    DeliveryStatus,
     Direction,
     Event,
     Kind,
@@ -29,6 +30,8 @@ from router.model import (
     Party,
     Status,
     Threaded,
+    format_time,
+    parse_time,
     utcnow,
 )
 from router.store import Store
@@ -36,6 +39,12 @@ from router.store import Store
 log = logging.getLogger(__name__)
 CLAIM_BATCH = 16
 VISIBILITY_S = 60.0
+BOUNCE_QUIET = timedelta(hours=24)
+
+
+def _bounce_key(channel: str, recipient_id: str) -> str:
+    """The store checkpoint holding when mail to this recipient last bounced."""
+    return f"bounced/{channel}/{recipient_id}"
 
 
 class Pipeline:
@@ -60,7 +69,9 @@ class Pipeline:
             message.text, message.subject, self.rules, auto_generated=message.auto_generated
         )
         message.urgency, message.category, message.reason = verdict.urgency, verdict.category, verdict.reason
-        message.language = verdict.language
+        # A channel that knows better (a Telegram user's language_code for
+        # Latin-script text) has set the language already.
+        message.language = message.language or verdict.language
         accepted = await self.store.enqueue_inbound(message)
         if not accepted.duplicate:
             metrics.INBOUND.labels(message.channel, verdict.urgency.value).inc()
@@ -70,28 +81,35 @@ class Pipeline:
         """One worker: claim, handle, repeat until `stop` is set."""
         while not stop.is_set():
             batch = await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s=0.5)
-            for message in batch:
-                await self._process(message)
+            await self._process(batch)
 
     async def drain(self) -> None:
         """Handle everything queued, then return: deterministic tests."""
         while batch := await self.store.claim_inbound("drain", CLAIM_BATCH, VISIBILITY_S):
-            for message in batch:
-                await self._process(message)
+            await self._process(batch)
 
-    async def _process(self, message: Message) -> None:
-        try:
-            await self.handle(message)
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            dead = await self.store.fail_inbound(message.id, error, self.settings.pipeline.max_attempts)
-            log.exception("message %s failed%s", message.id, " (dead-lettered)" if dead else "")
-            metrics.PIPELINE_FAILURES.inc()
-        else:
-            await self.store.complete_inbound(message.id)
+    async def _process(self, batch: list[Message]) -> None:
+        """Handle a claimed batch, then take the handled messages off the queue
+        in one step: a crash before that only repeats idempotent work. A
+        failure is recorded at once, so its retry does not wait for the batch."""
+        handled: list[str] = []
+        for message in batch:
+            try:
+                await self.handle(message)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                dead = await self.store.fail_inbound(message.id, error, self.settings.pipeline.max_attempts)
+                log.exception("message %s failed%s", message.id, " (dead-lettered)" if dead else "")
+                metrics.PIPELINE_FAILURES.inc()
+            else:
+                handled.append(message.id)
+        if handled:
+            await self.store.complete_inbound(handled)
 
     async def handle(self, message: Message) -> Conversation:
         now = self.clock()
+        if message.edit_of is not None and (edited := await self._apply_edit(message, now)) is not None:
+            return edited
         key = await conversations.thread_key(self.store, message)
         team = routing.route(self.settings, message)
         threaded = await self.store.thread_message(
@@ -111,7 +129,59 @@ class Pipeline:
             if assigned.assignee is not None:
                 conversation = assigned
                 await self._publish("conversation.updated", conversation)
+        if message.bounce_of is not None:
+            await self._bounced(message, now)
         await self._acknowledge(message, conversation, threaded, now)
+        return conversation
+
+    async def _bounced(self, report: Message, now: datetime) -> None:
+        """A bounce of our own mail: that message is `failed` with the remote
+        server's reason, and its recipient gets no acks for BOUNCE_QUIET (a
+        forged sender address must not earn a stream of bounced acks)."""
+        original = await self.store.find_message(report.channel, report.bounce_of or "")
+        if original is None or original.direction is not Direction.OUT:
+            return
+        if original.recipient is not None:
+            key = _bounce_key(report.channel, original.recipient.id)
+            await self.store.put_checkpoint(key, format_time(now) or "")
+        delivery = original.delivery or Delivery()
+        if delivery.status is DeliveryStatus.FAILED:
+            return
+        failed = Delivery(DeliveryStatus.FAILED, delivery.attempts, f"bounced: {report.bounce_error}")
+        stored = await self.store.record_delivery(original.id, failed)
+        log.info("%s bounced: %s", original.id, report.bounce_error)
+        await self.store.publish(Event("message.delivery", stored.to_dict()))
+
+    async def _apply_edit(self, edit: Message, now: datetime) -> Conversation | None:
+        """A customer changed a message we hold: it takes the new text and
+        tags, its earlier text moves to its `history`, and a conversation the
+        edit makes more urgent is escalated. None when we never took the
+        original (say, a group message that mentions the bot only since the
+        edit): the edit is then handled as a new message."""
+        original = await self.store.find_message(edit.channel, edit.edit_of or "")
+        if original is None or original.direction is not Direction.IN:
+            return None
+        if original.conversation_id is None:
+            # Threading stores the message whole: thread the original first,
+            # so that threading it later cannot put the old text back.
+            await self.handle(original)
+            original = await self.store.get_message(original.id) or original
+        if edit.text != original.text:
+            original.history.append(original.text)
+            original.text, original.attachments = edit.text, edit.attachments or original.attachments
+            original.urgency, original.category, original.reason = edit.urgency, edit.category, edit.reason
+            original.language = edit.language
+            await self.store.update_message(original)
+        conversation = await self.store.get_conversation(original.conversation_id or "")
+        if conversation is None:
+            return None
+        escalates = edit.urgency is not None and edit.urgency.rank < conversation.urgency.rank
+        if escalates and conversation.status is not Status.CLOSED:
+            conversation = await self.store.update_conversation(
+                conversation.id, urgency=edit.urgency, category=edit.category, reason=edit.reason
+            )
+            conversation = await self._escalate(conversation, edit, routing.route(self.settings, edit), now)
+        await self._publish("conversation.updated", conversation)
         return conversation
 
     async def _escalate(
@@ -126,13 +196,14 @@ class Pipeline:
                 changes["first_response_due"] = due
             if team != conversation.team:
                 changes["team"] = team
-        if changes:
-            conversation = await self.store.update_conversation(conversation.id, **changes)
-            if "team" in changes and conversation.assignee is not None:
-                conversation = (
-                    await self.store.claim_conversation(conversation.id, None, conversation.assignee)
-                    or conversation
-                )
+        if not changes:
+            return conversation
+        conversation = await self.store.update_conversation(conversation.id, **changes)
+        if "team" in changes and conversation.assignee is not None:
+            conversation = (
+                await self.store.claim_conversation(conversation.id, None, conversation.assignee)
+                or conversation
+            )
         await self._publish("conversation.updated", conversation)
         return conversation
 
@@ -142,13 +213,17 @@ class Pipeline:
         """One ack per new conversation, in the customer's language, through
         their channel; never to machines, never beyond the per-sender cap."""
         acks = self.settings.acks
-        first = threaded.created or conversation.message_count == 1
-        if not acks.enabled or conversation.acked or not first:
+        if not acks.enabled or conversation.acked or not await self._opens(message, conversation, threaded):
             return
         recent = await self.store.count_acks(
             conversation.channel, message.sender.id, now - timedelta(hours=1)
         )
         blocked = ack_block_reason(message, recent, acks.max_per_sender_per_hour)
+        if not blocked and message.channel_type == "email":  # only mail bounces
+            key = _bounce_key(message.channel, message.sender.id)
+            bounced_at = parse_time(await self.store.get_checkpoint(key))
+            if bounced_at is not None and now - bounced_at < BOUNCE_QUIET:
+                blocked = f"mail to {message.sender.id} bounced at {format_time(bounced_at)}"
         if blocked:
             log.info("no ack for %s: %s", conversation.ref, blocked)
             return
@@ -181,9 +256,19 @@ class Pipeline:
             in_reply_to=message.external_id,
             delivery=Delivery(),
         )
-        stored = await self.store.enqueue_outbound(ack)
-        await self.store.update_conversation(conversation.id, acked=True)
+        stored = await self.store.enqueue_outbound(ack)  # also marks the conversation acked
         await self.store.publish(Event("message.created", stored.to_dict()))
+
+    async def _opens(self, message: Message, conversation: Conversation, threaded: Threaded) -> bool:
+        """Whether `message` is the one its conversation's ack answers: the
+        first inbound one. Not by the count alone: a message handled again
+        after a crash (kill -9 between threading and the ack) may find others
+        joined meanwhile, and its conversation must still get its one ack."""
+        if threaded.created or conversation.message_count == 1:
+            return True
+        history = await self.store.conversation_messages(conversation.id)
+        first = next((m for m in history if m.direction is Direction.IN), None)
+        return first is not None and first.id == message.id
 
     async def _publish(self, kind: str, conversation: Conversation) -> None:
         await self.store.publish(Event(kind, conversation.to_dict()))

@@ -21,6 +21,7 @@ from channels.webhook import sign
 from router import config as configuration
 from router.daemon import Daemon
 
+pytest_plugins = ["tests.services"]
 SECRET = "test-webhook-secret-0123456789"
 
 

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -44,16 +45,25 @@ from router.model import (
     new_id,
 )
 from router.store import Store
+from router.store.redis import RedisStore
 from router.store.sqlite import SQLiteStore
+from tests.services import RedisServer
 
 StoreFactory = Callable[[], Store]
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "redis"]
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
 def sqlite_factory(tmp_path: Path) -> StoreFactory:
     return lambda: SQLiteStore(f"sqlite:///{tmp_path}/router.db")
+
+
+@pytest.fixture
+def redis_factory(shared_redis: RedisServer) -> StoreFactory:
+    """A key prefix of its own: fresh data on one server for the whole session."""
+    url = shared_redis.url(f"contract-{uuid.uuid4().hex[:12]}")
+    return lambda: RedisStore(url)
 
 
 @pytest.fixture(params=BACKENDS)
@@ -244,15 +254,18 @@ async def test_a_consumer_gets_its_own_unfinished_claims_back_at_once(store: Sto
     assert [m.id for m in await store.claim_inbound("host-0", 10, 60)] == [message.id]
 
 
-async def test_complete_removes_the_message_from_the_queue(store: Store) -> None:
-    message = inbound("ext-1")
-    await store.enqueue_inbound(message)
-    await store.claim_inbound("a", 1, 0.1)
-    await store.complete_inbound(message.id)
-    assert await store.inbound_backlog() == 0
+async def test_complete_removes_a_batch_of_messages_from_the_queue(store: Store) -> None:
+    first, second, kept = inbound("ext-1"), inbound("ext-2"), inbound("ext-3")
+    for message in (first, second, kept):
+        await store.enqueue_inbound(message)
+    await store.claim_inbound("a", 3, 0.1)
+    await store.complete_inbound([first.id, second.id, "m_unknown"])
+    assert await store.inbound_backlog() == 1
+    await store.complete_inbound([first.id])
+    await store.complete_inbound([])
     await asyncio.sleep(0.2)
-    assert await store.claim_inbound("a", 1, 60) == []
-    assert await store.get_message(message.id) is not None
+    assert [m.id for m in await store.claim_inbound("a", 10, 60)] == [kept.id]
+    assert await store.get_message(first.id) is not None
 
 
 async def test_failures_retry_then_dead_letter_and_the_queue_flows_on(store: Store) -> None:
@@ -607,7 +620,7 @@ async def test_enqueue_outbound_is_idempotent_and_counts_in_the_conversation(sto
     assert await store.enqueue_outbound(ack) == stored
     after_ack = await store.get_conversation(conversation.id)
     assert after_ack is not None
-    assert (after_ack.message_count, after_ack.first_response_at) == (2, None)
+    assert (after_ack.message_count, after_ack.first_response_at, after_ack.acked) == (2, None, True)
     await stored_outbound(store, conversation, at=BASE + timedelta(minutes=5))
     await stored_outbound(store, conversation, at=BASE + timedelta(minutes=9))
     after_replies = await store.get_conversation(conversation.id)
@@ -617,6 +630,16 @@ async def test_enqueue_outbound_is_idempotent_and_counts_in_the_conversation(sto
     orphan = replace(outbound(conversation), conversation_id="c_unknown")
     with pytest.raises(NotFound):
         await store.enqueue_outbound(orphan)
+
+
+async def test_only_an_ack_marks_its_conversation_acked(store: Store) -> None:
+    conversation = (await ingest(store, "e1")).conversation
+    await stored_outbound(store, conversation, kind=Kind.AGENT)
+    replied = await store.get_conversation(conversation.id)
+    assert replied is not None and not replied.acked
+    await stored_outbound(store, conversation, kind=Kind.ACK)
+    acked = await store.get_conversation(conversation.id)
+    assert acked is not None and acked.acked
 
 
 async def test_claim_outbound_respects_channels_due_time_and_visibility(store: Store) -> None:
@@ -777,6 +800,41 @@ async def test_a_slow_subscriber_never_holds_up_publishers(store: Store) -> None
     await slow.aclose()
 
 
+# -- leases -------------------------------------------------------------------------
+
+
+async def test_a_lease_has_one_holder_and_its_fencing_token_grows_with_each_new_one(store: Store) -> None:
+    first = await store.acquire_lease("poller:mail", "a", 30)
+    assert first is not None
+    assert await store.acquire_lease("poller:mail", "b", 30) is None
+    assert await store.acquire_lease("poller:mail", "a", 30) == first
+    assert await store.acquire_lease("poller:tg", "b", 30) is not None
+    assert await store.renew_lease("poller:mail", "a", 30) is True
+    assert await store.renew_lease("poller:mail", "b", 30) is False
+    await store.release_lease("poller:mail", "b")
+    assert await store.acquire_lease("poller:mail", "b", 30) is None
+    await store.release_lease("poller:mail", "a")
+    assert await store.renew_lease("poller:mail", "a", 30) is False
+    second = await store.acquire_lease("poller:mail", "b", 30)
+    assert second is not None and second > first
+
+
+async def test_an_expired_lease_is_lost_and_taken_with_a_higher_token(store: Store) -> None:
+    first = await store.acquire_lease("poller:mail", "a", 0.2)
+    await asyncio.sleep(0.3)
+    assert await store.renew_lease("poller:mail", "a", 30) is False
+    again = await store.acquire_lease("poller:mail", "a", 0.2)
+    await asyncio.sleep(0.3)
+    taken = await store.acquire_lease("poller:mail", "b", 30)
+    assert first is not None and again is not None and taken is not None
+    assert first < again < taken
+
+
+async def test_concurrent_acquires_make_one_holder(store: Store) -> None:
+    tokens = await asyncio.gather(*(store.acquire_lease("poller:mail", f"h{i}", 30) for i in range(20)))
+    assert len([token for token in tokens if token is not None]) == 1
+
+
 # -- durability ---------------------------------------------------------------------
 
 
@@ -912,3 +970,24 @@ async def test_sqlite_keeps_every_acknowledged_message_across_kill_9(tmp_path: P
         assert missing == []
     finally:
         await store.close()
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+async def test_checkpoints_are_kept_per_key_replaced_and_survive_a_reopen(
+    store: Store, make_store: StoreFactory
+) -> None:
+    assert await store.get_checkpoint("imap/mail/INBOX") is None
+    await store.put_checkpoint("imap/mail/INBOX", "1795553164:10")
+    await store.put_checkpoint("imap/mail/INBOX", "1795553164:12")
+    await store.put_checkpoint("imap/sales/INBOX", "7:1")
+    assert await store.get_checkpoint("imap/mail/INBOX") == "1795553164:12"
+    reopened = make_store()
+    await reopened.open()
+    try:
+        assert await reopened.get_checkpoint("imap/mail/INBOX") == "1795553164:12"
+        assert await reopened.get_checkpoint("imap/sales/INBOX") == "7:1"
+        assert await reopened.get_checkpoint("imap/other/INBOX") is None
+    finally:
+        await reopened.close()

@@ -62,8 +62,9 @@ class Store(Protocol):
         consumer gets its unfinished ones back at once, so a worker restarted
         under the same name resumes its work without waiting that long."""
 
-    async def complete_inbound(self, message_id: str) -> None:
-        """Remove a handled message from the queue."""
+    async def complete_inbound(self, message_ids: list[str]) -> None:
+        """Remove handled messages from the queue, in one step: a worker
+        completes its claimed batch at once. Ids no longer queued are skipped."""
 
     async def fail_inbound(self, message_id: str, error: str, max_attempts: int) -> bool:
         """Record a failed attempt; at `max_attempts` move the message to the
@@ -136,8 +137,10 @@ class Store(Protocol):
 
     async def enqueue_outbound(self, message: Message) -> Message:
         """Store an outbound message and queue its delivery; idempotent on
-        `message.id`. Counts it in its conversation's `message_count`, and an
-        agent reply sets `first_response_at` when it is not set yet. Returns
+        `message.id`. Counts it in its conversation's `message_count`; an
+        agent reply sets `first_response_at` when it is not set yet, and an
+        ack sets `acked`, in the same step, so no crash can leave an ack
+        queued for a conversation that still asks for one. Returns
         the stored message (with its queue `seq`). Raises NotFound when its
         conversation does not exist."""
 
@@ -197,9 +200,36 @@ class Store(Protocol):
     def subscribe(self) -> AsyncGenerator[Event, None]:
         """Events published from now on, until the generator is closed (`aclose()`)."""
 
+    # -- leases --------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_s: float) -> int | None:
+        """Hold the lease `name` for `ttl_s` when it is free, expired or already
+        `holder`'s. Returns the fencing token, or None while someone else holds
+        it. The token is the same for the holder's renewals and higher for every
+        new holder (also after the same holder let it expire), so whatever a
+        poller writes can be checked against stale holders; times are the
+        store's own clock (Redis' for Redis)."""
+
+    async def renew_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Extend `holder`'s lease to `ttl_s` from now; False when it is not
+        (any more) theirs: it expired, or someone else holds it."""
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once if `holder` holds it; otherwise nothing."""
+
+    # -- checkpoints -----------------------------------------------------------
+
+    async def get_checkpoint(self, key: str) -> str | None:
+        """The value last put under `key`, or None: a channel's durable
+        memory of how far it has read (IMAP `UIDVALIDITY:last UID`)."""
+
+    async def put_checkpoint(self, key: str, value: str) -> None:
+        """Replace the value under `key`; durable when it returns."""
+
 
 def open_store(url: str) -> Store:
-    """Pick the implementation by URL scheme; `sqlite:///rel` or `sqlite:////abs`."""
+    """Pick the implementation by URL scheme: `sqlite:///rel` or `sqlite:////abs`,
+    `redis://[:password@]host:port/db?prefix=support-router` (or `rediss://`)."""
     from router.errors import ConfigError
 
     if url.startswith("sqlite://"):
@@ -207,7 +237,9 @@ def open_store(url: str) -> Store:
 
         return SQLiteStore(url)
     if url.startswith(("redis://", "rediss://")):
-        raise ConfigError([f"store.url: the Redis store is not built yet ({mask_url(url)})"])
+        from router.store.redis import RedisStore
+
+        return RedisStore(url)
     raise ConfigError([f"store.url: unknown scheme in {mask_url(url)!r} (sqlite:// or redis://)"])
 
 

@@ -1,14 +1,16 @@
 """The embedded store: one SQLite file in WAL mode, the default for one host.
 
 The connections live in `sqlite_db`, the queues and the group commit of the
-webhook hot path in `sqlite_queue`, the tables in `sqlite_schema`; this
-module keeps the records: messages, conversations, agents, and the events.
+webhook hot path in `sqlite_queue`, the outbox in `sqlite_outbox`, the tables
+in `sqlite_schema`; this module keeps the records: messages, conversations,
+agents, and the events. Each write is one synchronous function run as one
+transaction on the writer's thread (`SQLiteDatabase.write`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncGenerator
-from dataclasses import replace
 from typing import Any
 
 from router.errors import Conflict, NotFound
@@ -25,11 +27,20 @@ from router.model import (
 )
 from router.store import mask_url
 from router.store.fanout import EventHub
-from router.store.sqlite_db import SQLiteDatabase, conversation_in, fetch_one, increment
+from router.store.sqlite_checkpoints import SQLiteCheckpoints
+from router.store.sqlite_db import (
+    SELECT_CONVERSATION,
+    SQLiteDatabase,
+    conversation_in,
+    fetch_one,
+    increment,
+    save_conversation,
+)
+from router.store.sqlite_leases import SQLiteLeases
 from router.store.sqlite_queue import SQLiteQueues
 from router.store.sqlite_schema import (
+    INSERT_CONVERSATION,
     REF_COUNTER,
-    SAVE_CONVERSATION,
     conversation_row,
     database_path,
     decode_cursor,
@@ -47,7 +58,7 @@ UPDATABLE = frozenset({"status", "urgency", "category", "reason", "team", "acked
 first response itself, and the assignee changes only by compare-and-set."""
 
 
-class SQLiteStore(SQLiteQueues):
+class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
     def __init__(self, url: str) -> None:
         self.display_url = mask_url(url)
         self.path = database_path(url)
@@ -74,63 +85,16 @@ class SQLiteStore(SQLiteQueues):
     async def find_message(self, channel: str, external_id: str) -> Message | None:
         """An inbound match wins; an outbound one (our own Message-ID that the
         customer answers) is the fallback."""
-        for direction in ("in", "out"):
-            row = await self._db.fetch_one(
-                "SELECT seq, data FROM messages WHERE channel = ? AND external_id = ? AND direction = ?"
-                " ORDER BY seq LIMIT 1",
-                (channel, external_id, direction),
-            )
-            if row:
-                return load_message(*row)
-        return None
+        return await self._db.read(lambda db: _find_message(db, channel, external_id))
 
     async def update_message(self, message: Message) -> None:
         """Raises NotFound. A queued message moves to the queue place of its new urgency."""
-        async with self._db.write() as db:
-            row = await fetch_one(
-                db,
-                "UPDATE messages SET conversation_id = ?, recipient_id = ?, data = ?"
-                " WHERE id = ? RETURNING seq",
-                (message.conversation_id, recipient_id(message), dumps(message.to_dict()), message.id),
-            )
-            if row is None:
-                raise NotFound(f"no message {message.id!r}")
-            await db.execute(
-                "UPDATE inbound_queue SET priority = ? WHERE seq = ?", (priority(message.urgency), row[0])
-            )
+        await self._db.write(lambda db: _update_message(db, message))
 
     # -- conversations ---------------------------------------------------
 
     async def thread_message(self, message: Message, new: Conversation) -> Threaded:
-        async with self._db.write() as db:
-            row = await fetch_one(db, "SELECT seq, conversation_id FROM messages WHERE id = ?", (message.id,))
-            if row is None:
-                raise NotFound(f"no message {message.id!r}")
-            seq, attached = row
-            if attached is not None:
-                return Threaded(await conversation_in(db, attached), created=False)
-            row = await fetch_one(
-                db,
-                "SELECT data FROM conversations WHERE channel = ? AND thread_key = ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (new.channel, new.thread_key),
-            )
-            latest = load_conversation(row[0]) if row else None
-            if latest is not None and latest.status is not Status.CLOSED:
-                threaded = Threaded(latest, created=False)
-            else:
-                number = await increment(db, REF_COUNTER)
-                previous = latest.ref if latest else None
-                threaded = Threaded(new.copy(ref=f"T-{number:06d}"), created=True, previous_ref=previous)
-            conversation = threaded.conversation
-            conversation.absorb(message)
-            await db.execute(SAVE_CONVERSATION, conversation_row(conversation))
-            attached_message = replace(message, conversation_id=conversation.id)
-            await db.execute(
-                "UPDATE messages SET conversation_id = ?, data = ? WHERE seq = ?",
-                (conversation.id, dumps(attached_message.to_dict()), seq),
-            )
-        return threaded
+        return await self._db.write(lambda db: _thread_message(db, message, new))
 
     async def get_conversation(self, id_or_ref: str) -> Conversation | None:
         row = await self._db.fetch_one(
@@ -141,23 +105,12 @@ class SQLiteStore(SQLiteQueues):
     async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
         if unknown := set(changes) - UPDATABLE:
             raise ValueError(f"update_conversation cannot set {', '.join(sorted(unknown))}")
-        async with self._db.write() as db:
-            current = await conversation_in(db, conversation_id)
-            # Through the JSON shape, so "closed" and Status.CLOSED end up alike.
-            updated = Conversation.from_dict(current.copy(**changes).to_dict())
-            await db.execute(SAVE_CONVERSATION, conversation_row(updated))
-        return updated
+        return await self._db.write(lambda db: _update_conversation(db, conversation_id, changes))
 
     async def claim_conversation(
         self, conversation_id: str, agent: str | None, expected: str | None
     ) -> Conversation | None:
-        async with self._db.write() as db:
-            current = await conversation_in(db, conversation_id)
-            if current.assignee != expected:
-                return None
-            claimed = current.copy(assignee=agent)
-            await db.execute(SAVE_CONVERSATION, conversation_row(claimed))
-        return claimed
+        return await self._db.write(lambda db: _claim_conversation(db, conversation_id, agent, expected))
 
     async def list_conversations(self, query: InboxQuery) -> Page:
         """Keyset paging: the cursor is the sort key of the last row served, so
@@ -203,19 +156,12 @@ class SQLiteStore(SQLiteQueues):
         return counts
 
     async def next_counter(self, name: str) -> int:
-        async with self._db.write() as db:
-            return await increment(db, name)
+        return await self._db.write(lambda db: increment(db, name))
 
     # -- agents ------------------------------------------------------------
 
     async def add_agent(self, agent: Agent) -> None:
-        async with self._db.write() as db:
-            cursor = await db.execute(
-                "INSERT INTO agents (name, token_hash, data) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                (agent.name, agent.token_hash, dumps(agent.to_dict())),
-            )
-            if cursor.rowcount == 0:
-                raise Conflict(f"an agent named {agent.name!r} exists already")
+        await self._db.write(lambda db: _add_agent(db, agent))
 
     async def get_agent(self, name: str) -> Agent | None:
         row = await self._db.fetch_one("SELECT token_hash, data FROM agents WHERE name = ?", (name,))
@@ -234,24 +180,15 @@ class SQLiteStore(SQLiteQueues):
         return [load_agent(*row) for row in rows]
 
     async def remove_agent(self, name: str) -> bool:
-        async with self._db.write() as db:
-            cursor = await db.execute("DELETE FROM agents WHERE name = ?", (name,))
-            return cursor.rowcount > 0
+        return await self._db.write(
+            lambda db: db.execute("DELETE FROM agents WHERE name = ?", (name,)).rowcount > 0
+        )
 
     async def set_agent_token(self, name: str, token_hash: str) -> None:
-        async with self._db.write() as db:
-            cursor = await db.execute("UPDATE agents SET token_hash = ? WHERE name = ?", (token_hash, name))
-            if cursor.rowcount == 0:
-                raise NotFound(f"no agent {name!r}")
+        await self._db.write(lambda db: _set_agent_token(db, name, token_hash))
 
     async def set_presence(self, name: str, presence: Presence) -> None:
-        async with self._db.write() as db:
-            row = await fetch_one(db, "SELECT token_hash, data FROM agents WHERE name = ?", (name,))
-            if row is None:
-                raise NotFound(f"no agent {name!r}")
-            agent = load_agent(*row)
-            agent.presence = presence
-            await db.execute("UPDATE agents SET data = ? WHERE name = ?", (dumps(agent.to_dict()), name))
+        await self._db.write(lambda db: _set_presence(db, name, presence))
 
     # -- events --------------------------------------------------------------
 
@@ -261,3 +198,107 @@ class SQLiteStore(SQLiteQueues):
 
     def subscribe(self) -> AsyncGenerator[Event, None]:
         return self._events.subscribe()
+
+
+# -- transactions, run on the writer's thread (reads on the reader's) ------------
+
+
+def _find_message(db: sqlite3.Connection, channel: str, external_id: str) -> Message | None:
+    for direction in ("in", "out"):
+        row = fetch_one(
+            db,
+            "SELECT seq, data FROM messages WHERE channel = ? AND external_id = ? AND direction = ?"
+            " ORDER BY seq LIMIT 1",
+            (channel, external_id, direction),
+        )
+        if row:
+            return load_message(*row)
+    return None
+
+
+def _update_message(db: sqlite3.Connection, message: Message) -> None:
+    row = fetch_one(
+        db,
+        "UPDATE messages SET conversation_id = ?, recipient_id = ?, data = ? WHERE id = ? RETURNING seq",
+        (message.conversation_id, recipient_id(message), dumps(message.to_dict()), message.id),
+    )
+    if row is None:
+        raise NotFound(f"no message {message.id!r}")
+    db.execute("UPDATE inbound_queue SET priority = ? WHERE seq = ?", (priority(message.urgency), row[0]))
+
+
+def _thread_message(db: sqlite3.Connection, message: Message, new: Conversation) -> Threaded:
+    row = fetch_one(db, "SELECT seq, conversation_id FROM messages WHERE id = ?", (message.id,))
+    if row is None:
+        raise NotFound(f"no message {message.id!r}")
+    seq, attached = row
+    if attached is not None:
+        return Threaded(conversation_in(db, attached)[0], created=False)
+    row = fetch_one(
+        db,
+        f"{SELECT_CONVERSATION} WHERE channel = ? AND thread_key = ? ORDER BY seq DESC LIMIT 1",
+        (new.channel, new.thread_key),
+    )
+    latest = load_conversation(row[-1]) if row else None
+    if row is not None and latest is not None and latest.status is not Status.CLOSED:
+        threaded = Threaded(latest, created=False)
+        latest.absorb(message)
+        save_conversation(db, latest, row[:-1])
+    else:
+        number = increment(db, REF_COUNTER)
+        previous = latest.ref if latest else None
+        threaded = Threaded(new.copy(ref=f"T-{number:06d}"), created=True, previous_ref=previous)
+        threaded.conversation.absorb(message)
+        db.execute(INSERT_CONVERSATION, conversation_row(threaded.conversation))
+    conversation = threaded.conversation
+    data = message.to_dict()  # what `replace(message, conversation_id=...)` gives, at half the cost
+    data["conversation_id"] = conversation.id
+    db.execute(
+        "UPDATE messages SET conversation_id = ?, data = ? WHERE seq = ?", (conversation.id, dumps(data), seq)
+    )
+    return threaded
+
+
+def _update_conversation(
+    db: sqlite3.Connection, conversation_id: str, changes: dict[str, Any]
+) -> Conversation:
+    current, stored = conversation_in(db, conversation_id)
+    # Through the JSON shape, so "closed" and Status.CLOSED end up alike.
+    updated = Conversation.from_dict(current.copy(**changes).to_dict())
+    save_conversation(db, updated, stored)
+    return updated
+
+
+def _claim_conversation(
+    db: sqlite3.Connection, conversation_id: str, agent: str | None, expected: str | None
+) -> Conversation | None:
+    current, stored = conversation_in(db, conversation_id)
+    if current.assignee != expected:
+        return None
+    claimed = current.copy(assignee=agent)
+    save_conversation(db, claimed, stored)
+    return claimed
+
+
+def _add_agent(db: sqlite3.Connection, agent: Agent) -> None:
+    cursor = db.execute(
+        "INSERT INTO agents (name, token_hash, data) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING",
+        (agent.name, agent.token_hash, dumps(agent.to_dict())),
+    )
+    if cursor.rowcount == 0:
+        raise Conflict(f"an agent named {agent.name!r} exists already")
+
+
+def _set_agent_token(db: sqlite3.Connection, name: str, token_hash: str) -> None:
+    cursor = db.execute("UPDATE agents SET token_hash = ? WHERE name = ?", (token_hash, name))
+    if cursor.rowcount == 0:
+        raise NotFound(f"no agent {name!r}")
+
+
+def _set_presence(db: sqlite3.Connection, name: str, presence: Presence) -> None:
+    row = fetch_one(db, "SELECT token_hash, data FROM agents WHERE name = ?", (name,))
+    if row is None:
+        raise NotFound(f"no agent {name!r}")
+    agent = load_agent(*row)
+    agent.presence = presence
+    db.execute("UPDATE agents SET data = ? WHERE name = ?", (dumps(agent.to_dict()), name))

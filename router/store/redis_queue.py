@@ -1,0 +1,304 @@
+"""The Redis store's queues: inbound streams (with pipelined enqueues),
+dead letters, and the outbox. The Lua they run, and the layout it keeps,
+is in redis_lua_queue and redis_lua_outbox.
+
+`enqueue_inbound` is the webhook hot path: callers hand their messages to
+one flusher task, which sends whatever has gathered as one pipeline of
+script calls and answers each caller from its own reply, so a burst costs a
+few round trips, not one per message. A reply means Redis has run the
+script and written it to its append-only file (appendonly must be on; see
+docker-compose.yml), so it survives a Redis restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from router.errors import NotFound, StoreError
+from router.model import (
+    Accepted,
+    DeadLetter,
+    Delivery,
+    DeliveryStatus,
+    Message,
+    format_time,
+    new_id,
+    utcnow,
+)
+from router.store.fanout import wait_for_work
+from router.store.redis_codec import (
+    delivery_json,
+    due_seconds,
+    dumps,
+    load_dead_letter,
+    load_message,
+    micros,
+    pairs,
+    rank,
+)
+from router.store.redis_conn import Connection, translate
+from router.store.redis_keys import GROUP, SEP
+from router.store.redis_lua_outbox import CLAIM_OUTBOUND, ENQUEUE_OUTBOUND, MARK_PULLED, RECORD_DELIVERY
+from router.store.redis_lua_queue import (
+    ADD_DEAD,
+    CLAIM_INBOUND,
+    COMPLETE_INBOUND,
+    ENQUEUE_INBOUND,
+    FAIL_INBOUND,
+    RETRY_DEAD,
+)
+
+MAX_BATCH = 500
+"""Enqueues per pipeline."""
+RECLAIM_MS = 3_600_000
+"""XAUTOCLAIM's minimum idle time; a claim's visibility is at most this long."""
+
+
+@dataclass(slots=True)
+class _Enqueue:
+    message: Message
+    future: asyncio.Future[Accepted]
+
+
+class RedisQueues:
+    """The queue half of RedisStore."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._keys = conn.keys
+        self._p = conn.keys.prefix
+        self._sleeper = uuid.uuid4().hex
+        self._pending: list[_Enqueue] = []
+        self._pending_ready = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._enqueue_in = conn.script(ENQUEUE_INBOUND)
+        self._claim_in = conn.script(CLAIM_INBOUND)
+        self._complete_in = conn.script(COMPLETE_INBOUND)
+        self._fail_in = conn.script(FAIL_INBOUND)
+        self._add_dead = conn.script(ADD_DEAD)
+        self._retry_dead = conn.script(RETRY_DEAD)
+        self._enqueue_out = conn.script(ENQUEUE_OUTBOUND)
+        self._claim_out = conn.script(CLAIM_OUTBOUND)
+        self._record = conn.script(RECORD_DELIVERY)
+        self._mark_pulled = conn.script(MARK_PULLED)
+
+    async def _run(self, script: Any, *args: Any) -> Any:
+        with translate(self._conn.display_url):
+            return await script(args=[self._p, *args])
+
+    async def _create_groups(self) -> None:
+        """Idempotent; also run when Redis lost its data (a restart without
+        appendonly), which the claim notices as NOGROUP."""
+        with translate(self._conn.display_url):
+            for stream in self._keys.streams:
+                try:
+                    await self._conn.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+
+    def _start_flusher(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="redis-enqueue")
+
+    async def _stop_flusher(self) -> None:
+        """Sends and answers every enqueue already handed in."""
+        if self._flusher is not None:
+            flusher, self._flusher = self._flusher, None
+            self._pending_ready.set()
+            await flusher
+
+    # -- inbound queue ---------------------------------------------------
+
+    async def enqueue_inbound(self, message: Message) -> Accepted:
+        if self._flusher is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Enqueue(message, future))
+        self._pending_ready.set()
+        return await future
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._pending_ready.wait()
+            self._pending_ready.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._flush(batch)
+            if self._flusher is None:
+                return
+
+    async def _flush(self, batch: list[_Enqueue]) -> None:
+        replies: list[Any] | StoreError
+        calls = []
+        for item in batch:
+            m = item.message
+            calls.append([self._p, f"{m.channel}{SEP}{m.external_id}", m.id, dumps(m.to_dict())])
+            calls[-1] += [rank(m.urgency), m.channel]
+        try:
+            replies = await self._send_enqueues(calls)
+        except StoreError as exc:
+            replies = exc
+        for index, item in enumerate(batch):
+            if item.future.done():
+                continue
+            reply = replies if isinstance(replies, StoreError) else replies[index]
+            if isinstance(reply, Exception):
+                item.future.set_exception(
+                    reply if isinstance(reply, StoreError) else StoreError(f"enqueue failed: {reply}")
+                )
+            else:
+                message_id, ref, fresh = reply
+                ref = ref.strip('"') if ref else None
+                item.future.set_result(Accepted(message_id, ref, duplicate=not fresh))
+
+    async def _send_enqueues(self, calls: list[list[Any]]) -> list[Any]:
+        """One pipeline of EVALSHA. Redis forgets scripts when it restarts:
+        then every call of the batch failed alike, so the script is loaded and
+        the batch sent once more (nothing of it ran the first time)."""
+        with translate(self._conn.display_url):
+            for attempt in range(2):
+                pipe = self._conn.pipeline()
+                for args in calls:
+                    pipe.evalsha(self._enqueue_in.sha, 0, *args)
+                replies = await pipe.execute(raise_on_error=False)
+                if attempt or not any(isinstance(reply, NoScriptError) for reply in replies):
+                    break
+                self._enqueue_in.sha = await self._conn.redis.script_load(ENQUEUE_INBOUND)
+        return replies
+
+    async def claim_inbound(
+        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
+    ) -> list[Message]:
+        visibility_ms = min(RECLAIM_MS, max(1, int(visibility_s * 1000)))
+
+        async def attempt(elapsed_s: float) -> list[Message]:
+            sleep_ms = int(max(0.0, block_s - elapsed_s) * 1000)
+            args = [consumer, limit, visibility_ms, RECLAIM_MS, f"{self._sleeper}:{consumer}", sleep_ms]
+            try:
+                found = await self._run(self._claim_in, *args)
+            except StoreError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._create_groups()
+                found = await self._run(self._claim_in, *args)
+            return [load_message(pairs(fields)) for fields in found]
+
+        return await wait_for_work(self._conn.inbound, block_s, attempt)
+
+    async def complete_inbound(self, message_ids: list[str]) -> None:
+        if message_ids:
+            await self._run(self._complete_in, *message_ids)
+
+    async def fail_inbound(self, message_id: str, error: str, max_attempts: int) -> bool:
+        dead_id, now = new_id("dl"), format_time(utcnow())
+        return await self._run(self._fail_in, message_id, error, max_attempts, dead_id, now) == 1
+
+    async def inbound_backlog(self) -> int:
+        with translate(self._conn.display_url):
+            pipe = self._conn.pipeline()
+            for stream in self._keys.streams:
+                pipe.xlen(stream)
+            return sum(await pipe.execute())
+
+    # -- dead letters ----------------------------------------------------
+
+    async def add_dead_letter(self, channel: str, payload: str, error: str) -> DeadLetter:
+        dead = DeadLetter(new_id("dl"), channel, payload, error, 0, utcnow())
+        await self._run(self._add_dead, dead.id, channel, payload, error, format_time(dead.created_at))
+        return dead
+
+    async def list_dead_letters(self) -> list[DeadLetter]:
+        with translate(self._conn.display_url):
+            stored = await self._conn.redis.hvals(self._keys.dead_letters)
+        return [dead for _, dead in sorted(map(load_dead_letter, stored), key=lambda pair: pair[0])]
+
+    async def retry_dead_letter(self, dead_id: str) -> bool:
+        return await self._run(self._retry_dead, dead_id) == 1
+
+    # -- outbox ------------------------------------------------------------
+
+    async def enqueue_outbound(self, message: Message) -> Message:
+        delivery = message.delivery or Delivery()
+        queued = delivery.status is DeliveryStatus.QUEUED
+        reply = await self._run(
+            self._enqueue_out,
+            message.id,
+            dumps(message.to_dict()),
+            message.channel,
+            message.conversation_id or "",
+            micros(message.received_at),
+            dumps(format_time(message.received_at)),
+            message.kind.value,
+            f"{message.channel}{SEP}{message.external_id}",
+            delivery_json(delivery),
+            "1" if queued else "0",
+            due_seconds(delivery),
+            message.recipient.id if message.recipient else "",
+        )
+        if reply is None:
+            raise NotFound(f"no conversation {message.conversation_id!r}")
+        return load_message(pairs(reply[1]))
+
+    async def claim_outbound(
+        self,
+        consumer: str,
+        channels: list[str],
+        now: datetime,
+        limit: int,
+        visibility_s: float,
+        block_s: float = 0,
+    ) -> list[Message]:
+        """While blocked, `now` moves on with the clock, so a retry that falls
+        due during the wait is handed out."""
+        if not channels:
+            return []
+
+        async def attempt(elapsed_s: float) -> list[Message]:
+            at = now.timestamp() + elapsed_s
+            sleep_ms = int(max(0.0, block_s - elapsed_s) * 1000)
+            member = f"{self._sleeper}:{consumer}"
+            args = [consumer, repr(at), limit, repr(visibility_s), member, sleep_ms, *channels]
+            return [load_message(pairs(fields)) for fields in await self._run(self._claim_out, *args)]
+
+        return await wait_for_work(self._conn.outbound, block_s, attempt)
+
+    async def record_delivery(self, message_id: str, delivery: Delivery) -> Message:
+        queued = delivery.status is DeliveryStatus.QUEUED
+        reply = await self._run(
+            self._record, message_id, delivery_json(delivery), "1" if queued else "0", due_seconds(delivery)
+        )
+        if reply is None:
+            raise NotFound(f"no message {message_id!r}")
+        return load_message(pairs(reply))
+
+    async def outbound_after(self, channel: str, after: int, limit: int) -> list[Message]:
+        with translate(self._conn.display_url):
+            ids = await self._conn.redis.zrangebyscore(
+                self._keys.outlog(channel), f"({after}", "+inf", start=0, num=limit
+            )
+        return await self._messages(ids)
+
+    async def mark_pulled(self, channel: str, upto: int) -> None:
+        await self._run(self._mark_pulled, channel, upto)
+
+    async def count_acks(self, channel: str, recipient_id: str, since: datetime) -> int:
+        with translate(self._conn.display_url):
+            return int(
+                await self._conn.redis.zcount(self._keys.acks(channel, recipient_id), micros(since), "+inf")
+            )
+
+    async def _messages(self, ids: list[str]) -> list[Message]:
+        """Several messages in one round trip, in the order asked; gone ones left out."""
+        with translate(self._conn.display_url):
+            pipe = self._conn.pipeline()
+            for message_id in ids:
+                pipe.hgetall(self._keys.message(message_id))
+            found = await pipe.execute()
+        return [load_message(fields) for fields in found if fields]
