@@ -20,9 +20,10 @@ Example = tuple[str, str | None, Urgency, Category]
 
 
 def evaluate(path: Path, rules: RuleSet) -> dict[str, Any]:
-    """The SPEC 5 `--json` object. Figures are rounded to 4 places; a
-    precision with no predictions of that label, or a recall with no gold
-    examples of it, is None (null) rather than a made-up 0 or 1."""
+    """The SPEC 5 `--json` object, exactly its keys. Figures are rounded to
+    4 places; a precision with no predictions of that label, or a recall with
+    no gold examples of it, is 0.0 (scikit-learn's zero_division=0), so
+    every figure is a number a script can compare."""
     examples = _read(path)
     verdicts = [classify(text, subject, rules) for text, subject, _, _ in examples]
     gold_u = [urgency for _, _, urgency, _ in examples]
@@ -36,7 +37,6 @@ def evaluate(path: Path, rules: RuleSet) -> dict[str, Any]:
         "per_urgency": _per_label(list(Urgency), gold_u, pred_u),
         "per_category": _per_label(list(Category), gold_c, pred_c),
         "confusion": _confusion(list(Urgency), gold_u, pred_u),
-        "category_confusion": _confusion(list(Category), gold_c, pred_c),
         "predictions": [
             {"urgency": v.urgency.value, "category": v.category.value, "reason": v.reason} for v in verdicts
         ],
@@ -92,8 +92,8 @@ def _accuracy(gold: list[Any], predicted: list[Any]) -> float:
     return round(sum(g == p for g, p in zip(gold, predicted, strict=True)) / len(gold), 4)
 
 
-def _ratio(hits: int, total: int) -> float | None:
-    return round(hits / total, 4) if total else None
+def _ratio(hits: int, total: int) -> float:
+    return round(hits / total, 4) if total else 0.0
 
 
 def _per_label(labels: list[Any], gold: list[Any], predicted: list[Any]) -> dict[str, dict[str, Any]]:
@@ -127,16 +127,15 @@ def format_report(result: dict[str, Any]) -> str:
         lines += ["", f"{title:<16}{'precision':>10}{'recall':>10}{'support':>10}"]
         for label, row in result[key].items():
             lines.append(f"{label:<16}{_cell(row['precision'])}{_cell(row['recall'])}{row['support']:>10}")
-    for title, key in (("urgency", "confusion"), ("category", "category_confusion")):
-        matrix = result[key]
-        labels = list(matrix)
-        width = max(8, *(len(label) + 2 for label in labels))
-        lines += ["", f"{title} confusion (rows: expected, columns: predicted)"]
-        lines.append(" " * 16 + "".join(f"{label:>{width}}" for label in labels))
-        for gold in labels:
-            lines.append(f"{gold:<16}" + "".join(f"{matrix[gold][p]:>{width}}" for p in labels))
+    matrix = result["confusion"]
+    labels = list(matrix)
+    width = max(8, *(len(label) + 2 for label in labels))
+    lines += ["", "urgency confusion (rows: expected, columns: predicted)"]
+    lines.append(" " * 16 + "".join(f"{label:>{width}}" for label in labels))
+    for gold in labels:
+        lines.append(f"{gold:<16}" + "".join(f"{matrix[gold][p]:>{width}}" for p in labels))
     return "\n".join(lines)
 
 
-def _cell(value: float | None) -> str:
-    return f"{'-':>10}" if value is None else f"{value:>10.3f}"
+def _cell(value: float) -> str:
+    return f"{value:>10.3f}"

@@ -251,10 +251,12 @@ def _thread_message(db: sqlite3.Connection, message: Message, new: Conversation)
         threaded.conversation.absorb(message)
         db.execute(INSERT_CONVERSATION, conversation_row(threaded.conversation))
     conversation = threaded.conversation
-    data = message.to_dict()  # what `replace(message, conversation_id=...)` gives, at half the cost
-    data["conversation_id"] = conversation.id
+    # The message as stored, attached in place by SQLite: re-encoding it here
+    # would cost the writer's thread, which every write queues for.
     db.execute(
-        "UPDATE messages SET conversation_id = ?, data = ? WHERE seq = ?", (conversation.id, dumps(data), seq)
+        "UPDATE messages SET conversation_id = ?1, data = json_set(data, '$.conversation_id', ?1)"
+        " WHERE seq = ?2",
+        (conversation.id, seq),
     )
     return threaded
 
