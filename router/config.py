@@ -8,6 +8,7 @@ they are masked in every message, and no message echoes a secret key's value.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -33,6 +34,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MIN_MASKED = 6  # shorter values would mask ordinary words in messages
 
 
+@functools.lru_cache(maxsize=64)
 def parse_duration(value: str | int | float) -> timedelta:
     """`"15m"`, `"1h"`, `"24h"`, `"30s"`, `"1d"`, or a number of seconds."""
     if isinstance(value, int | float):

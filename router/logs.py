@@ -45,9 +45,6 @@ def setup(debug: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    # aiosqlite's debug lines carry every SQL parameter: customer text and
-    # token hashes. Never useful enough to show, even with --debug.
-    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 def add_secret(secret: str | None) -> None:

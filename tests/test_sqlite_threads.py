@@ -20,7 +20,7 @@ def _create(db: sqlite3.Connection) -> None:
 
 @pytest.fixture
 async def writer(tmp_path: Path) -> AsyncIterator[ConnectionThread]:
-    thread = ConnectionThread(tmp_path / "t.db", "test-writer", (), in_one_transaction, _create)
+    thread = ConnectionThread(tmp_path / "t.db", "test-writer", (), in_one_transaction, 16, _create)
     await thread.start()
     yield thread
     await thread.stop()
@@ -52,6 +52,12 @@ async def test_a_failing_call_rolls_back_alone_and_the_others_commit(writer: Con
     assert isinstance(results[1], ValueError)
     assert isinstance(results[3], sqlite3.IntegrityError)
     assert await writer.call(keys) == ["a", "c"]
+
+
+async def test_a_lone_failing_call_is_rolled_back(writer: ConnectionThread) -> None:
+    with pytest.raises(ValueError):
+        await writer.call(insert("a", then_fail=True))
+    assert await writer.call(keys) == []
 
 
 async def test_a_failure_that_ends_the_transaction_fails_the_calls_before_it(

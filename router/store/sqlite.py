@@ -3,8 +3,8 @@
 The connections live in `sqlite_db`, the queues and the group commit of the
 webhook hot path in `sqlite_queue`, the outbox in `sqlite_outbox`, the tables
 in `sqlite_schema`; this module keeps the records: messages, conversations,
-agents, and the events. Each write is one synchronous function run as one
-transaction on the writer's thread (`SQLiteDatabase.write`).
+agents, and the events. Each write is one synchronous function, run as one
+atomic step on the writer's thread (`SQLiteDatabase.write`).
 """
 
 from __future__ import annotations

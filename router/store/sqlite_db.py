@@ -32,6 +32,8 @@ from router.store.sqlite_threads import ConnectionThread, Work, in_one_transacti
 
 BUSY_TIMEOUT_MS = 10_000
 PRAGMAS = (f"busy_timeout = {BUSY_TIMEOUT_MS}", "synchronous = NORMAL", "foreign_keys = ON")
+WRITE_BATCH = 16
+"""Writes run in one transaction at most; bounds how long the first waits for the others."""
 Row = tuple[Any, ...]
 Params = tuple[Any, ...] | list[Any]
 T = TypeVar("T")
@@ -48,8 +50,10 @@ class SQLiteDatabase:
         if self._writer is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = ConnectionThread(self.path, "sqlite-writer", PRAGMAS, in_one_transaction, _create_schema)
-        reader = ConnectionThread(self.path, "sqlite-reader", PRAGMAS, one_by_one)
+        writer = ConnectionThread(
+            self.path, "sqlite-writer", PRAGMAS, in_one_transaction, WRITE_BATCH, _create_schema
+        )
+        reader = ConnectionThread(self.path, "sqlite-reader", PRAGMAS, one_by_one, 1)
         try:
             await writer.start()
             await reader.start()

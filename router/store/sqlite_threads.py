@@ -1,9 +1,11 @@
 """Threads that each own one SQLite connection and run calls on it in order.
 
-A call is a synchronous function of the connection. The thread takes every
-call that is waiting (up to MAX_BATCH) and answers them with one wake-up of
-the event loop, which costs a self-pipe write and a GIL hand-over each; the
-writer also runs them in one transaction (`in_one_transaction`).
+A call is a synchronous function of the connection. The writer's thread
+takes every call that is waiting (up to `max_batch`), runs them in one
+transaction (`in_one_transaction`) and answers them with one wake-up of the
+event loop, which costs a self-pipe write and a GIL hand-over each. The
+reader's thread answers each read at once (`max_batch=1`): a quick read
+must not wait for a slow one that came after it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,6 @@ Job = tuple[Work[Any], asyncio.Future[Any]]
 Outcome = tuple[asyncio.Future[Any], Any, BaseException | None]
 Runner = Callable[[sqlite3.Connection, list[Job]], list[Outcome]]
 
-MAX_BATCH = 16
-"""Calls taken at once: bounds what the first of them waits for the others."""
-
 
 class ConnectionThread:
     """One thread, one connection, calls in the order they were made.
@@ -43,11 +42,13 @@ class ConnectionThread:
         name: str,
         pragmas: tuple[str, ...],
         run: Runner,
+        max_batch: int,
         setup: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         self._path = path
         self._pragmas = pragmas
         self._run = run
+        self._max_batch = max_batch
         self._setup = setup
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
@@ -80,17 +81,8 @@ class ConnectionThread:
 
     def _serve(self) -> None:
         try:
-            connection = sqlite3.connect(self._path, isolation_level=None)
+            connection = self._connect()
         except BaseException as exc:
-            self._answer([(self._started, None, exc), (self._stopped, None, None)])
-            return
-        try:
-            for pragma in self._pragmas:
-                connection.execute(f"PRAGMA {pragma}")
-            if self._setup is not None:
-                self._setup(connection)
-        except BaseException as exc:
-            connection.close()
             self._answer([(self._started, None, exc), (self._stopped, None, None)])
             return
         self._answer([(self._started, None, None)])
@@ -101,13 +93,25 @@ class ConnectionThread:
             connection.close()
             self._answer([(self._stopped, None, None)])
 
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            for pragma in self._pragmas:
+                connection.execute(f"PRAGMA {pragma}")
+            if self._setup is not None:
+                self._setup(connection)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
     def _next_batch(self) -> list[Job]:
         """The calls waiting, at least one; none once `stop` was called."""
         batch: list[Job] = []
         item = self._jobs.get()
         while item is not None:
             batch.append(item)
-            if len(batch) == MAX_BATCH:
+            if len(batch) == self._max_batch:
                 break
             try:
                 item = self._jobs.get_nowait()
@@ -180,19 +184,25 @@ def _run_savepoints(
 ) -> tuple[list[tuple[asyncio.Future[Any], Any]], BaseException | None]:
     """Run waiting calls inside the open transaction until they are done or
     one's failure ends it. Returns the calls that await the COMMIT, and that
-    failure; failed calls go to `outcomes`."""
+    failure; failed calls go to `outcomes`. A lone call needs no savepoint:
+    the transaction is its own (and every statement saved is a GIL hand-over
+    saved, which costs most while the event loop is busy)."""
+    savepoints = len(waiting) > 1
     done: list[tuple[asyncio.Future[Any], Any]] = []
     while waiting:
         work, future = waiting.popleft()
         if future.cancelled():
             continue
         try:
-            db.execute("SAVEPOINT call")
+            if savepoints:
+                db.execute("SAVEPOINT call")
             result = _checked(work(db))
-            db.execute("RELEASE call")
+            if savepoints:
+                db.execute("RELEASE call")
         except BaseException as exc:
             outcomes.append((future, None, exc))
-            if not _undo_call(db):
+            if not (savepoints and _undo_call(db)):
+                _rollback(db)
                 return done, exc
         else:
             done.append((future, result))
