@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from datetime import datetime
 
-from router.config import SLAConfig
 from router.model import Category, Conversation, Message, Urgency, new_id
+from router.settings import SLAConfig
 from router.store import Store
 
 REF_IN_SUBJECT = re.compile(r"\[?\b(T-\d{6,})\b\]?")

@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 
 from channels.base import Channel
 from router import metrics
-from router.config import Config, parse_duration
+from router.config import Config
 from router.errors import PermanentFailure, TemporaryFailure
 from router.model import Delivery, DeliveryStatus, Event, Message, utcnow
+from router.settings import parse_duration
 from router.store import Store
 
 log = logging.getLogger(__name__)

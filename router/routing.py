@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from router.config import Settings, TeamConfig
 from router.model import Conversation, Message, Presence
+from router.settings import Settings, TeamConfig
 from router.store import Store
 
 log = logging.getLogger(__name__)
