@@ -101,14 +101,14 @@ class RedisStore(RedisQueues, RedisCheckpoints):
             return
         await self._conn.start()
         await self._create_groups()
-        self._start_flusher()
+        self._enqueues.start()
         self._opened = True
 
     async def close(self) -> None:
         if not self._opened:
             return
         self._opened = False
-        await self._stop_flusher()
+        await self._enqueues.stop()
         await self._conn.stop()
 
     async def ping(self) -> None:

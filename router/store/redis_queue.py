@@ -12,9 +12,7 @@ docker-compose.yml), so it survives a Redis restart.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -31,6 +29,7 @@ from router.model import (
     new_id,
     utcnow,
 )
+from router.store.batching import GroupCommit
 from router.store.fanout import wait_for_work
 from router.store.redis_codec import (
     delivery_json,
@@ -60,12 +59,6 @@ RECLAIM_MS = 3_600_000
 """XAUTOCLAIM's minimum idle time; a claim's visibility is at most this long."""
 
 
-@dataclass(slots=True)
-class _Enqueue:
-    message: Message
-    future: asyncio.Future[Accepted]
-
-
 class RedisQueues:
     """The queue half of RedisStore."""
 
@@ -74,9 +67,9 @@ class RedisQueues:
         self._keys = conn.keys
         self._p = conn.keys.prefix
         self._sleeper = uuid.uuid4().hex
-        self._pending: list[_Enqueue] = []
-        self._pending_ready = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._enqueues: GroupCommit[Message, Accepted] = GroupCommit(
+            self._write_enqueues, "redis-enqueue", MAX_BATCH
+        )
         self._enqueue_in = conn.script(ENQUEUE_INBOUND)
         self._claim_in = conn.script(CLAIM_INBOUND)
         self._complete_in = conn.script(COMPLETE_INBOUND)
@@ -103,60 +96,35 @@ class RedisQueues:
                     if "BUSYGROUP" not in str(exc):
                         raise
 
-    def _start_flusher(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_forever(), name="redis-enqueue")
-
-    async def _stop_flusher(self) -> None:
-        """Sends and answers every enqueue already handed in."""
-        if self._flusher is not None:
-            flusher, self._flusher = self._flusher, None
-            self._pending_ready.set()
-            await flusher
-
     # -- inbound queue ---------------------------------------------------
 
     async def enqueue_inbound(self, message: Message) -> Accepted:
-        if self._flusher is None:
-            raise StoreError("the store is not open")
-        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Enqueue(message, future))
-        self._pending_ready.set()
-        return await future
+        return await self._enqueues.submit(message)
 
-    async def _flush_forever(self) -> None:
-        while True:
-            await self._pending_ready.wait()
-            self._pending_ready.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._flush(batch)
-            if self._flusher is None:
-                return
-
-    async def _flush(self, batch: list[_Enqueue]) -> None:
-        replies: list[Any] | StoreError
-        calls = []
-        for item in batch:
-            m = item.message
-            calls.append([self._p, f"{m.channel}{SEP}{m.external_id}", m.id, dumps(m.to_dict())])
-            calls[-1] += [rank(m.urgency), m.channel]
-        try:
-            replies = await self._send_enqueues(calls)
-        except StoreError as exc:
-            replies = exc
-        for index, item in enumerate(batch):
-            if item.future.done():
-                continue
-            reply = replies if isinstance(replies, StoreError) else replies[index]
+    async def _write_enqueues(self, batch: list[Message]) -> list[Accepted | Exception]:
+        """One pipeline for the batch; each script reply answers one caller."""
+        calls = [
+            [
+                self._p,
+                f"{m.channel}{SEP}{m.external_id}",
+                m.id,
+                dumps(m.to_dict()),
+                rank(m.urgency),
+                m.channel,
+            ]
+            for m in batch
+        ]
+        outcomes: list[Accepted | Exception] = []
+        for reply in await self._send_enqueues(calls):
             if isinstance(reply, Exception):
-                item.future.set_exception(
+                outcomes.append(
                     reply if isinstance(reply, StoreError) else StoreError(f"enqueue failed: {reply}")
                 )
             else:
                 message_id, ref, fresh = reply
                 ref = ref.strip('"') if ref else None
-                item.future.set_result(Accepted(message_id, ref, duplicate=not fresh))
+                outcomes.append(Accepted(message_id, ref, duplicate=not fresh))
+        return outcomes
 
     async def _send_enqueues(self, calls: list[list[Any]]) -> list[Any]:
         """One pipeline of EVALSHA. Redis forgets scripts when it restarts:

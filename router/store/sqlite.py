@@ -67,10 +67,10 @@ class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
 
     async def open(self) -> None:
         await self._db.open()
-        self._start_flusher()
+        self._enqueues.start()
 
     async def close(self) -> None:
-        await self._stop_flusher()
+        await self._enqueues.stop()
         await self._db.close()
 
     async def ping(self) -> None:

@@ -10,7 +10,6 @@ means, and `visible_at` hides a claimed row until then.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from collections import defaultdict
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 from router.errors import StoreError
 from router.model import Accepted, DeadLetter, Message, format_time, new_id, utcnow
+from router.store.batching import GroupCommit
 from router.store.fanout import Signal, wait_for_work
 from router.store.sqlite_db import Row, SQLiteDatabase, fetch_one
 from router.store.sqlite_outbox import SQLiteOutbox
@@ -38,7 +38,6 @@ class _Enqueue:
     message: Message
     row: Row
     priority: int
-    future: asyncio.Future[Accepted]
 
 
 class SQLiteQueues(SQLiteOutbox):
@@ -46,64 +45,29 @@ class SQLiteQueues(SQLiteOutbox):
 
     def __init__(self, db: SQLiteDatabase) -> None:
         super().__init__(db)
-        self._pending: list[_Enqueue] = []
-        self._pending_ready = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
+        self._enqueues: GroupCommit[_Enqueue, Accepted] = GroupCommit(
+            self._write_enqueues, "sqlite-group-commit", MAX_BATCH
+        )
         self._inbound = Signal()
-
-    def _start_flusher(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_forever(), name="sqlite-group-commit")
-
-    async def _stop_flusher(self) -> None:
-        """Commits and answers every enqueue already handed in."""
-        if self._flusher is not None:
-            flusher, self._flusher = self._flusher, None
-            self._pending_ready.set()
-            await flusher
 
     # -- inbound queue ---------------------------------------------------
 
     async def enqueue_inbound(self, message: Message) -> Accepted:
-        if self._flusher is None:
-            raise StoreError("the store is not open")
-        future: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Enqueue(message, message_row(message), priority(message.urgency), future))
-        self._pending_ready.set()
-        return await future
+        return await self._enqueues.submit(_Enqueue(message, message_row(message), priority(message.urgency)))
 
-    async def _flush_forever(self) -> None:
-        """While one batch commits, the next one gathers."""
-        while True:
-            await self._pending_ready.wait()
-            self._pending_ready.clear()
-            while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._flush(batch)
-            if self._flusher is None:
-                return
-
-    async def _flush(self, batch: list[_Enqueue]) -> None:
-        outcome: list[Accepted] | Exception
+    async def _write_enqueues(self, batch: list[_Enqueue]) -> list[Accepted | Exception]:
+        """One transaction for the batch; one malformed message must not fail
+        everyone it was batched with, so an integrity error retries one by one."""
         try:
-            outcome = await self._db.write(lambda db: _insert_inbound(db, batch))
+            outcomes: list[Accepted | Exception] = list(
+                await self._db.write(lambda db: _insert_inbound(db, batch))
+            )
         except StoreError as exc:
             if len(batch) > 1 and isinstance(exc.__cause__, sqlite3.IntegrityError):
-                # One malformed message must not fail everyone it was batched with.
-                for one in batch:
-                    await self._flush([one])
-                return
-            outcome = exc
-        except Exception as exc:
-            outcome = exc
-        for index, item in enumerate(batch):
-            if item.future.done():
-                continue
-            if isinstance(outcome, Exception):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome[index])
+                return [outcome for one in batch for outcome in await self._write_enqueues([one])]
+            outcomes = [exc] * len(batch)
         self._inbound.fire()
+        return outcomes
 
     async def claim_inbound(
         self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
