@@ -123,6 +123,7 @@ class Pipeline:
             await self._publish("conversation.created", conversation)
         else:
             conversation = await self._escalate(conversation, message, team, now)
+        message.conversation_id = conversation.id
         await self.store.publish(Event("message.created", message.to_dict()))
         if conversation.assignee is None and conversation.status is not Status.CLOSED:
             assigned = await routing.assign(self.store, self.settings, conversation)

@@ -135,6 +135,8 @@ async def test_events_stream_tells_agents_what_happened(router, receiver: Receiv
     assert kinds[0] == "conversation.created" and "message.created" in kinds
     created = events[0][1]
     assert created["urgency"] == "critical" and created["ref"].startswith("T-")
+    inbound = next(d for k, d in events if k == "message.created" and d["direction"] == "in")
+    assert inbound["conversation_id"] == created["id"]  # the page files it under its conversation
     delivery = next(d for k, d in events if k == "message.delivery")
     assert delivery["kind"] == "ack" and delivery["delivery"]["status"] == "sent"
 
