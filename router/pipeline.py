@@ -6,11 +6,19 @@ hands out critical ones first (SPEC 6 promise 4). Workers then take messages
 off the queue; each step is idempotent, so a crash anywhere means the message
 is simply handled again. A message that keeps failing goes to the dead
 letters and never blocks the queue behind it.
+
+The door comes first: while many messages wait to be accepted (a burst), the
+workers hold back for a moment between batches, so the senders get their
+answer fast (webhook senders time out and resend) and the durable queue
+absorbs the burst; the workers catch up once it passes. They never hold back
+for longer than MAX_DEFER_S a batch, so the queue always moves, most urgent
+first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -40,6 +48,10 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 16
 VISIBILITY_S = 60.0
 BOUNCE_QUIET = timedelta(hours=24)
+BUSY_DOOR = 8
+"""Messages being accepted at once from which a worker defers to the door:
+a steady few hundred a second keeps one or two in flight, a burst dozens."""
+MAX_DEFER_S = 0.5
 
 
 def _bounce_key(channel: str, recipient_id: str) -> str:
@@ -62,9 +74,23 @@ class Pipeline:
         self.rules = rules
         self.templates = templates
         self.clock = clock
+        self._at_door = 0
+        self._door_quiet = asyncio.Event()
+        self._door_quiet.set()
 
     async def accept(self, message: Message) -> Accepted:
         """The channels' sink: returns once the message is durably queued."""
+        self._at_door += 1
+        if self._at_door == BUSY_DOOR:
+            self._door_quiet.clear()
+        try:
+            return await self._accept(message)
+        finally:
+            self._at_door -= 1
+            if self._at_door == BUSY_DOOR - 1:
+                self._door_quiet.set()
+
+    async def _accept(self, message: Message) -> Accepted:
         verdict = triage.classify(
             message.text, message.subject, self.rules, auto_generated=message.auto_generated
         )
@@ -80,6 +106,9 @@ class Pipeline:
     async def run(self, consumer: str, stop: asyncio.Event) -> None:
         """One worker: claim, handle, repeat until `stop` is set."""
         while not stop.is_set():
+            if not self._door_quiet.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._door_quiet.wait(), MAX_DEFER_S)
             batch = await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s=0.5)
             await self._process(batch)
 

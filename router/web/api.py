@@ -237,9 +237,12 @@ async def events(request: web.Request) -> web.StreamResponse:
                     break
                 await response.write(b": keep-alive\n\n")
                 continue
-            event = getting.result()
-            data = message_json(event.data) if event.type.startswith("message.") else event.data
-            await response.write(f"event: {event.type}\ndata: {json.dumps(data)}\n\n".encode())
+            # What queued meanwhile goes out in the same write: a burst costs
+            # one wake-up and one send, not one per event.
+            burst = [getting.result()]
+            while not queue.empty():
+                burst.append(queue.get_nowait())
+            await response.write(b"".join(_sse(event) for event in burst))
     except ConnectionResetError:
         pass
     finally:
@@ -248,3 +251,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return response
+
+
+def _sse(event: Event) -> bytes:
+    data = message_json(event.data) if event.type.startswith("message.") else event.data
+    return f"event: {event.type}\ndata: {json.dumps(data)}\n\n".encode()
