@@ -59,6 +59,11 @@ class EventHub:
         # Weak, so a subscription dropped before its first read does not linger.
         self._queues: weakref.WeakSet[asyncio.Queue[Event]] = weakref.WeakSet()
 
+    @property
+    def has_subscribers(self) -> bool:
+        """Lets a publisher skip the work of building events nobody reads."""
+        return bool(self._queues)
+
     def publish(self, event: Event) -> None:
         for queue in list(self._queues):
             if queue.full():

@@ -18,6 +18,7 @@ second).
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -40,15 +41,15 @@ from router.store.redis_checkpoints import RedisCheckpoints
 from router.store.redis_codec import (
     agent_json,
     changed_fields,
-    conversation_fields,
     decode_cursor,
     dumps,
     encode_cursor,
     load_agent,
     load_conversation,
+    load_conversation_json,
     member_id,
     micros,
-    pairs,
+    new_conversation_arg,
     rank,
     thread_field,
 )
@@ -74,6 +75,10 @@ from router.store.redis_queue import RedisQueues
 UPDATABLE = frozenset({"status", "urgency", "category", "reason", "team", "acked", "first_response_due"})
 """What `update_conversation` may set: the store keeps counts, refs and the
 first response itself, and the assignee changes only by compare-and-set."""
+ROSTER_MAX_AGE_S = 5.0
+"""A cached roster is read again after this long even without a notice, so
+a writer that sends none (an older version of this store, an edit by hand
+in redis-cli) is seen within that time."""
 
 
 class RedisStore(RedisQueues, RedisCheckpoints):
@@ -95,6 +100,8 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         self._acquire = self._conn.script(ACQUIRE_LEASE)
         self._renew = self._conn.script(RENEW_LEASE)
         self._release = self._conn.script(RELEASE_LEASE)
+        self._roster: tuple[int, float, list[Agent]] | None = None
+        """(Connection.roster_version, monotonic time, agents) of the last read."""
 
     async def open(self) -> None:
         if self._opened:
@@ -145,7 +152,6 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         fresh = new.copy()
         fresh.absorb(message)
         category = message.category.value if message.category else "general"
-        fields = [item for pair in conversation_fields(fresh).items() for item in pair]
         reply = await self._run(
             self._thread,
             message.id,
@@ -156,17 +162,17 @@ class RedisStore(RedisQueues, RedisCheckpoints):
             *(dumps(value) for value in (format_time(message.received_at), message.subject)),
             *(dumps(value) for value in (message.urgency, category, message.reason)),
             dumps(first_line(message.text)),
-            *fields,
+            new_conversation_arg(fresh),
         )
         if reply is None:
             raise NotFound(f"no message {message.id!r}")
         created, previous, stored = reply
         previous_ref = previous.strip('"') if previous else None
-        return Threaded(load_conversation(pairs(stored)), created=bool(created), previous_ref=previous_ref)
+        return Threaded(load_conversation_json(stored), created=bool(created), previous_ref=previous_ref)
 
     async def get_conversation(self, id_or_ref: str) -> Conversation | None:
         found = await self._run(self._get_conversation, id_or_ref)
-        return load_conversation(pairs(found)) if found else None
+        return load_conversation_json(found) if found else None
 
     async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
         if unknown := set(changes) - UPDATABLE:
@@ -179,7 +185,7 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         found = await self._run(self._update_conversation, conversation_id, *changed_fields(changes))
         if found is None:
             raise NotFound(f"no conversation {conversation_id!r}")
-        return load_conversation(pairs(found))
+        return load_conversation_json(found)
 
     async def claim_conversation(
         self, conversation_id: str, agent: str | None, expected: str | None
@@ -189,7 +195,7 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         )
         if reply is None:
             raise NotFound(f"no conversation {conversation_id!r}")
-        return load_conversation(pairs(reply[1])) if reply[0] else None
+        return load_conversation_json(reply[1]) if reply[0] else None
 
     async def list_conversations(self, query: InboxQuery) -> Page:
         """Keyset paging over the inbox sets: the cursor is the member of the
@@ -237,9 +243,12 @@ class RedisStore(RedisQueues, RedisCheckpoints):
     # -- agents ------------------------------------------------------------
 
     async def add_agent(self, agent: Agent) -> None:
-        added = await self._run(
-            self._add_agent, agent.name, agent_json(agent), agent.token_hash, agent.presence.value
-        )
+        try:
+            added = await self._run(
+                self._add_agent, agent.name, agent_json(agent), agent.token_hash, agent.presence.value
+            )
+        finally:
+            self._roster_changed()
         if not added:
             raise Conflict(f"an agent named {agent.name!r} exists already")
 
@@ -254,24 +263,56 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         return load_agent(*found) if found else None
 
     async def list_agents(self) -> list[Agent]:
+        """From a cache kept until an `agents` notice says the roster changed:
+        the pipeline asks for every message it assigns, and presence or
+        membership changes are rare. Within this process a change is seen at
+        once, in others as soon as the notice arrives (the time a read that
+        came just before the change would have been behind anyway); nothing
+        is cached while the subscription that brings the notices is down.
+        The agents are shared with the cache: read them, do not change them."""
+        version, now = self._conn.roster_version, time.monotonic()
+        cached = self._roster
+        if cached is not None and cached[0] == version and now - cached[1] < ROSTER_MAX_AGE_S:
+            return list(cached[2])
         with translate(self.display_url):
             pipe = self._conn.redis.pipeline(transaction=True)
             pipe.hgetall(self._keys.agents)
             pipe.hgetall(self._keys.agent_tokens)
             pipe.hgetall(self._keys.presence)
             agents, tokens, presence = await pipe.execute()
-        return [load_agent(agents[name], tokens.get(name, ""), presence.get(name)) for name in sorted(agents)]
+        roster = [load_agent(agents[n], tokens.get(n, ""), presence.get(n)) for n in sorted(agents)]
+        if self._conn.listening and self._conn.roster_version == version:
+            self._roster = (version, now, roster)
+        return list(roster)
 
     async def remove_agent(self, name: str) -> bool:
-        return bool(await self._run(self._remove_agent, name))
+        try:
+            return bool(await self._run(self._remove_agent, name))
+        finally:
+            self._roster_changed()
 
     async def set_agent_token(self, name: str, token_hash: str) -> None:
-        if not await self._run(self._set_agent_token, name, token_hash):
+        try:
+            found = await self._run(self._set_agent_token, name, token_hash)
+        finally:
+            self._roster_changed()
+        if not found:
             raise NotFound(f"no agent {name!r}")
 
     async def set_presence(self, name: str, presence: Presence) -> None:
-        if not await self._run(self._set_presence, name, presence.value):
+        try:
+            found = await self._run(self._set_presence, name, presence.value)
+        finally:
+            self._roster_changed()
+        if not found:
             raise NotFound(f"no agent {name!r}")
+
+    def _roster_changed(self) -> None:
+        """Our own change is seen by our next read without waiting for its
+        notice, and a read already on its way is not cached (it may predate
+        the change). In `finally`: the script may have run even if its reply
+        was lost."""
+        self._conn.roster_version += 1
 
     # -- events --------------------------------------------------------------
 

@@ -40,8 +40,11 @@ _MEMBER = re.compile(r"^[0-3]:[0-9a-f]{16}:[0-9a-f]{16}:[^:]+$")
 Hash = dict[str, str]
 
 
-def dumps(data: Any) -> str:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""Compact JSON, as `json.dumps(data, ensure_ascii=False, separators=...)`
+writes it, from one encoder: `json.dumps` with options builds a new encoder
+each call, which cost more than encoding a short value (a new conversation's
+fields took 35 µs instead of 13)."""
 
 
 def micros(value: datetime) -> int:
@@ -124,6 +127,13 @@ def conversation_fields(conversation: Conversation) -> Hash:
     return fields
 
 
+def new_conversation_arg(conversation: Conversation) -> str:
+    """A new conversation's hash as one script argument, a JSON array of
+    field, value, ...: one argument costs the client far less to send than
+    fifty, and the script decodes it only when it creates the conversation."""
+    return dumps([item for pair in conversation_fields(conversation).items() for item in pair])
+
+
 def changed_fields(changes: dict[str, Any]) -> list[str]:
     """HSET arguments for `update_conversation`, values normalized through
     the model (so "closed" and Status.CLOSED are stored alike)."""
@@ -140,6 +150,11 @@ def changed_fields(changes: dict[str, Any]) -> list[str]:
 
 def load_conversation(fields: Hash) -> Conversation:
     return Conversation.from_dict({k: json.loads(v) for k, v in fields.items() if not k.startswith("_")})
+
+
+def load_conversation_json(data: str) -> Conversation:
+    """What the scripts answer (redis_lua_records.conversation_json)."""
+    return Conversation.from_dict(json.loads(data))
 
 
 def encode_cursor(member: str) -> str:

@@ -8,8 +8,14 @@ so /readyz answers within a second or two while Redis is away.
 
 The listener holds the only subscription of this process: events go to the
 local EventHub (and from there to every SSE stream), wake-ups fire the
-local Signals that blocked claims wait on. When Redis goes away it
-reconnects with backoff and, once back, wakes every claim to look again.
+local Signals that blocked claims wait on, and `agents` notices bump
+`roster_version`, which invalidates the store's cached agent roster. When
+Redis goes away it reconnects with backoff and, once back, wakes every
+claim to look again.
+
+Events leave as one PUBLISH per batch (a JSON array): a worker publishes
+two or three events per message, and one command per event cost the
+publisher, Redis and every listener more than the events themselves.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from redis.retry import Retry
 from router.errors import StoreError
 from router.model import Event
 from router.store.fanout import EventHub, Signal
+from router.store.redis_codec import dumps
 from router.store.redis_keys import Keys
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,13 @@ COMMAND_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 2.0
 LISTEN_BACKOFF_MAX_S = 5.0
 PUBLISH_BATCH = 500
+"""Events per PUBLISH at most."""
+PUBLISH_BYTES = 256 * 1024
+"""...and bytes per PUBLISH at most (bar one event larger than that): a
+subscriber's output buffer in Redis need not hold more than a few."""
 OUTGOING_MAX = 10_000
+ROSTER_NOTICE = "agents"
+"""Published on the wake channel by every script that changes an agent."""
 
 
 @contextlib.contextmanager
@@ -75,6 +88,11 @@ class Connection:
         self.outbound = Signal()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
+        self.listening = False
+        """True while the subscription is up: only then do `agents` notices arrive."""
+        self.roster_version = 0
+        """Bumped by each `agents` notice and whenever the subscription comes
+        or goes: a roster read under an older version may be stale."""
         self._outgoing: list[str] = []
         self._outgoing_ready = asyncio.Event()
         self._publisher: asyncio.Task[None] | None = None
@@ -126,27 +144,37 @@ class Connection:
         """Queued for the publisher task, which sends what has gathered as one
         pipeline: a worker publishes several events per message and waits for
         none of them. While Redis is away the oldest beyond OUTGOING_MAX go."""
-        self._outgoing.append(json.dumps({"type": event.type, "data": event.data}, ensure_ascii=False))
+        self._outgoing.append(dumps({"type": event.type, "data": event.data}))
         if len(self._outgoing) > OUTGOING_MAX:
             del self._outgoing[: len(self._outgoing) - OUTGOING_MAX]
         self._outgoing_ready.set()
 
     async def _publish_forever(self) -> None:
+        """One sender, so events reach every process in the order published."""
         while True:
             await self._outgoing_ready.wait()
             self._outgoing_ready.clear()
             while self._outgoing:
-                batch, self._outgoing = self._outgoing[:PUBLISH_BATCH], self._outgoing[PUBLISH_BATCH:]
-                pipe = self.pipeline()
-                for payload in batch:
-                    pipe.publish(self.keys.events, payload)
+                batch = self._take_batch()
                 try:
-                    await pipe.execute()
-                except (RedisError, OSError) as exc:
+                    with translate(self.display_url):
+                        await self.redis.publish(self.keys.events, f"[{','.join(batch)}]")
+                except StoreError as exc:
                     log.warning("%d events not sent: %s", len(batch), exc)
                     await asyncio.sleep(0.5)
             if self._publisher is None:
                 return
+
+    def _take_batch(self) -> list[str]:
+        """The oldest events, up to PUBLISH_BATCH of them and PUBLISH_BYTES."""
+        size = count = 0
+        for payload in self._outgoing[:PUBLISH_BATCH]:
+            size += len(payload) + 1
+            if count and size > PUBLISH_BYTES:
+                break
+            count += 1
+        batch, self._outgoing = self._outgoing[:count], self._outgoing[count:]
+        return batch
 
     async def _listen(self) -> None:
         """Forever: subscribe, dispatch, and after any failure start again."""
@@ -155,6 +183,8 @@ class Connection:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.keys.events, self.keys.wake)
+                self.listening = True
+                self.roster_version += 1
                 self._subscribed.set()
                 delay = 0.1
                 # Whatever was queued while we were away raised no wake-up.
@@ -166,18 +196,31 @@ class Connection:
                         self._dispatch(message["channel"], message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("redis subscription lost (%s); retrying in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
             finally:
+                self._lost()
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(LISTEN_BACKOFF_MAX_S, delay * 2)
+
+    def _lost(self) -> None:
+        """Notices may be missed from now on: no cached roster is trusted."""
+        self.listening = False
+        self.roster_version += 1
 
     def _dispatch(self, channel: str, data: str) -> None:
         if channel == self.keys.wake:
-            (self.inbound if data == "in" else self.outbound).fire()
+            if data == ROSTER_NOTICE:
+                self.roster_version += 1
+            else:
+                (self.inbound if data == "in" else self.outbound).fire()
             return
+        if not self.events.has_subscribers:
+            return  # nobody here to decode them for (a worker-only daemon, the CLI)
         try:
-            fields = json.loads(data)
-            self.events.publish(Event(fields["type"], fields["data"]))
+            decoded = json.loads(data)
+            # A single object is what daemons before batched publishing send.
+            for fields in decoded if isinstance(decoded, list) else [decoded]:
+                self.events.publish(Event(fields["type"], fields["data"]))
         except (ValueError, KeyError, TypeError):
             log.warning("ignored a malformed event on %s", channel)

@@ -1,5 +1,8 @@
 """Lua for the Redis store's records: conversations, agents, leases.
 
+Every script that changes an agent publishes `agents` on `P:wake`: each
+process caches the roster (`list_agents`) until such a notice arrives.
+
 A conversation is the hash `P:c:<id>`: every field of `to_dict()` as its
 JSON, so a script changes one field without parsing the rest, plus raw
 copies of what sorting and filtering need (`_s` status, `_t` team, `_a`
@@ -31,13 +34,27 @@ local function index(ckey, cid)
   local member, keys = index_entry(ckey, cid)
   for _, key in ipairs(keys) do redis.call('ZADD', key, 0, member) end
 end
+local function conversation_json(ckey)
+  local h = redis.call('HGETALL', ckey)
+  local parts = {}
+  for i = 1, #h, 2 do
+    if string.byte(h[i], 1) ~= 95 then parts[#parts + 1] = '"' .. h[i] .. '":' .. h[i + 1] end
+  end
+  return '{' .. table.concat(parts, ',') .. '}'
+end
 """
+"""Scripts answer a conversation as one JSON object (`conversation_json`),
+put together from the stored fields, which are JSON already: the caller
+decodes it in one go instead of one field at a time. Raw copies (`_` fields)
+stay out of it."""
 
 # ARGV: P, message id, thread field, new id, message rank or '', received us,
 #       received_at JSON, subject JSON, urgency JSON, category JSON, reason JSON,
-#       preview JSON, then the new conversation's fields and values (which has
-#       absorbed the message already); the rest is Conversation.absorb in Lua
-# -> nil: no such message; else {created, previous ref JSON or nil, conversation hash}
+#       preview JSON, then a JSON array of the new conversation's fields and
+#       values (it has absorbed the message already); the rest is
+#       Conversation.absorb in Lua. A joined conversation's inbox entry only
+#       moves when the message raises its urgency: nothing else in it changes.
+# -> nil: no such message; else {created, previous ref JSON or nil, conversation JSON}
 THREAD = (
     COMMON
     + INDEX
@@ -46,56 +63,66 @@ local mid = ARGV[2]
 local m = P .. ':m:' .. mid
 local f = redis.call('HMGET', m, 's', 'c')
 if not f[1] then return false end
-if f[2] then return {0, false, redis.call('HGETALL', P .. ':c:' .. f[2])} end
+if f[2] then return {0, false, conversation_json(P .. ':c:' .. f[2])} end
 local latest = redis.call('HGET', P .. ':thread', ARGV[3])
 local cid, created, previous = latest, 0, false
 local c
-if latest and redis.call('HGET', P .. ':c:' .. latest, '_s') ~= 'closed' then
+local cur
+if latest then
+  cur = redis.call('HMGET', P .. ':c:' .. latest, '_s', '_last', 'preview', 'subject', '_r', 'ref')
+end
+if cur and cur[1] ~= 'closed' then
   c = P .. ':c:' .. cid
-  unindex(c, cid)
+  local received, last = tonumber(ARGV[6]), tonumber(cur[2])
   redis.call('HINCRBY', c, 'message_count', 1)
-  local preview = redis.call('HGET', c, 'preview')
-  if tonumber(ARGV[6]) >= tonumber(redis.call('HGET', c, '_last')) or not preview or preview == 'null' then
+  if received >= last or not cur[3] or cur[3] == 'null' then
     redis.call('HSET', c, 'preview', ARGV[12])
   end
-  if tonumber(ARGV[6]) > tonumber(redis.call('HGET', c, '_last')) then
+  if received > last then
     redis.call('HSET', c, 'last_message_at', ARGV[7], '_last', ARGV[6])
   end
-  if ARGV[8] ~= 'null' and redis.call('HGET', c, 'subject') == 'null' then
+  if ARGV[8] ~= 'null' and cur[4] == 'null' then
     redis.call('HSET', c, 'subject', ARGV[8])
   end
-  if ARGV[5] ~= '' and tonumber(ARGV[5]) <= tonumber(redis.call('HGET', c, '_r')) then
+  if ARGV[5] ~= '' and tonumber(ARGV[5]) <= tonumber(cur[5]) then
+    local moves = ARGV[5] ~= cur[5]
+    if moves then unindex(c, cid) end
     redis.call('HSET', c, 'urgency', ARGV[9], 'category', ARGV[10], 'reason', ARGV[11], '_r', ARGV[5])
+    if moves then index(c, cid) end
   end
 else
-  if latest then previous = redis.call('HGET', P .. ':c:' .. latest, 'ref') end
+  if cur then previous = cur[6] end
   cid, created = ARGV[4], 1
   c = P .. ':c:' .. cid
   local ref = string.format('T-%06d', redis.call('HINCRBY', P .. ':counters', 'conversation_ref', 1))
-  redis.call('HSET', c, unpack(ARGV, 13))
+  redis.call('HSET', c, unpack(cjson.decode(ARGV[13])))
   redis.call('HSET', c, 'ref', '"' .. ref .. '"')
   redis.call('HSET', P .. ':ref', ref, cid)
   redis.call('HSET', P .. ':thread', ARGV[3], cid)
+  index(c, cid)
 end
-index(c, cid)
 redis.call('HSET', m, 'c', cid)
 redis.call('ZADD', P .. ':cm:' .. cid, ARGV[6], string.format('%012d', tonumber(f[1])) .. ':' .. mid)
-return {created, previous, redis.call('HGETALL', c)}
+return {created, previous, conversation_json(c)}
 """
 )
 
-# ARGV: P, id or ref -> conversation hash (empty when unknown)
-GET_CONVERSATION = """
-local P = ARGV[1]
-local found = redis.call('HGETALL', P .. ':c:' .. ARGV[2])
-if #found == 0 then
+# ARGV: P, id or ref -> conversation JSON, or nil when unknown
+GET_CONVERSATION = (
+    COMMON
+    + INDEX
+    + """
+local c = P .. ':c:' .. ARGV[2]
+if redis.call('EXISTS', c) == 0 then
   local cid = redis.call('HGET', P .. ':ref', ARGV[2])
-  if cid then found = redis.call('HGETALL', P .. ':c:' .. cid) end
+  if not cid then return false end
+  c = P .. ':c:' .. cid
 end
-return found
+return conversation_json(c)
 """
+)
 
-# ARGV: P, id, field, value, ... -> hash, or nil when unknown
+# ARGV: P, id, field, value, ... -> conversation JSON, or nil when unknown
 UPDATE_CONVERSATION = (
     COMMON
     + INDEX
@@ -105,11 +132,11 @@ if redis.call('EXISTS', c) == 0 then return false end
 unindex(c, ARGV[2])
 redis.call('HSET', c, unpack(ARGV, 3))
 index(c, ARGV[2])
-return redis.call('HGETALL', c)
+return conversation_json(c)
 """
 )
 
-# ARGV: P, id, agent or '', expected or '', agent JSON -> nil unknown, {0} lost, {1, hash}
+# ARGV: P, id, agent or '', expected or '', agent JSON -> nil unknown, {0} lost, {1, conversation JSON}
 CLAIM_CONVERSATION = (
     COMMON
     + INDEX
@@ -120,7 +147,7 @@ if redis.call('HGET', c, '_a') ~= ARGV[4] then return {0} end
 unindex(c, ARGV[2])
 redis.call('HSET', c, 'assignee', ARGV[5], '_a', ARGV[3])
 index(c, ARGV[2])
-return {1, redis.call('HGETALL', c)}
+return {1, conversation_json(c)}
 """
 )
 
@@ -131,6 +158,7 @@ if redis.call('HSETNX', P .. ':agents', ARGV[2], ARGV[3]) == 0 then return 0 end
 redis.call('HSET', P .. ':agent_token', ARGV[2], ARGV[4])
 redis.call('HSET', P .. ':presence', ARGV[2], ARGV[5])
 if ARGV[4] ~= '' then redis.call('HSET', P .. ':tokens', ARGV[4], ARGV[2]) end
+redis.call('PUBLISH', P .. ':wake', 'agents')
 return 1
 """
 
@@ -142,6 +170,7 @@ local old = redis.call('HGET', P .. ':agent_token', ARGV[2])
 if old and old ~= '' then redis.call('HDEL', P .. ':tokens', old) end
 redis.call('HSET', P .. ':agent_token', ARGV[2], ARGV[3])
 if ARGV[3] ~= '' then redis.call('HSET', P .. ':tokens', ARGV[3], ARGV[2]) end
+redis.call('PUBLISH', P .. ':wake', 'agents')
 return 1
 """
 
@@ -153,6 +182,7 @@ local token = redis.call('HGET', P .. ':agent_token', ARGV[2])
 if token then redis.call('HDEL', P .. ':tokens', token) end
 redis.call('HDEL', P .. ':agent_token', ARGV[2])
 redis.call('HDEL', P .. ':presence', ARGV[2])
+redis.call('PUBLISH', P .. ':wake', 'agents')
 return 1
 """
 
@@ -161,6 +191,7 @@ SET_PRESENCE = """
 local P = ARGV[1]
 if redis.call('HEXISTS', P .. ':agents', ARGV[2]) == 0 then return 0 end
 redis.call('HSET', P .. ':presence', ARGV[2], ARGV[3])
+redis.call('PUBLISH', P .. ':wake', 'agents')
 return 1
 """
 
