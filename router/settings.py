@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from router.model import Urgency
 
@@ -50,6 +50,9 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     listen: str = DEFAULT_LISTEN
     public_url: str | None = None
+    session_secret: SecretStr | None = None
+    """Signs the web inbox's session cookies; give every daemon behind one
+    load balancer the same, else each keeps its own under var/secrets/."""
 
     @field_validator("listen")
     @classmethod
@@ -57,6 +60,13 @@ class ServerConfig(_Strict):
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port (like 127.0.0.1:8080)")
+        return value
+
+    @field_validator("session_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (a long random string)")
         return value
 
     @property

@@ -66,9 +66,9 @@ class Desk:
     def polls(self) -> Path:
         return self.root / "polls.log"
 
-    async def start(self, count: int) -> None:
+    async def start(self, count: int, extra: str = "") -> None:
         """The first alone (it creates the admin agent), the others together."""
-        extra = f'[[channels]]\nname = "poller"\ntype = "recording"\nlog = "{self.polls}"\n'
+        extra += f'\n[[channels]]\nname = "poller"\ntype = "recording"\nlog = "{self.polls}"\n'
         config = write_config(self.root, self.receiver.url, extra)
         for batch in ([0], list(range(1, count))):
             started = [self._spawn(config, len(self.nodes) + i) for i in range(len(batch))]
@@ -277,3 +277,29 @@ async def test_redis_restart_mid_stream_loses_nothing_acknowledged(desk: Desk) -
     await sending
     assert accepted == set(ids)
     await assert_each_once_and_one_ack(desk, accepted)
+
+
+async def test_one_sign_in_serves_every_daemon_with_a_shared_session_secret(desk: Desk) -> None:
+    """Behind a load balancer an agent's requests reach any daemon: the
+    session cookie one daemon issued must be good at the others."""
+    await desk.start(2, '[server]\nsession_secret = "shared-by-every-daemon-0123"\n')
+    first, second = (f"http://127.0.0.1:{port}" for port in desk.ports())
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{first}/session", json={"token": desk.token}) as resp,
+    ):
+        assert resp.status == 200
+        cookie = resp.cookies["router_session"].value
+        csrf = (await resp.json())["csrf"]
+    async with aiohttp.ClientSession(cookies={"router_session": cookie}) as http:
+        async with http.get(f"{second}/session") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["agent"]["name"] == "admin"
+        presence = {"presence": "away"}
+        async with http.post(f"{second}/api/v1/agents/admin/presence", json=presence) as resp:
+            assert resp.status == 403, "a state change without the CSRF token must be refused"
+        headers = {"X-CSRF-Token": csrf}
+        async with http.post(
+            f"{second}/api/v1/agents/admin/presence", json=presence, headers=headers
+        ) as resp:
+            assert resp.status == 200

@@ -46,7 +46,10 @@ class Claims:
 
 @dataclass(frozen=True, slots=True)
 class Sessions:
-    """Signs and reads session cookies with a key kept under `var/secrets/`."""
+    """Signs and reads session cookies with a key kept under `var/secrets/`,
+    or derived from `server.session_secret`: daemons behind one load balancer
+    need the same key, or an agent is signed out whenever the balancer
+    switches daemons."""
 
     key: bytes
     secure: bool
@@ -177,11 +180,17 @@ async def sign_out(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
-    """Mount the page and sessions on the app; the key lives with the other secrets."""
+    """Mount the page and sessions on the app; the key is the configured
+    shared secret's, else one of this machine's, kept with its other secrets."""
     from router.daemon import state_dir  # the daemon imports this package: import at call time
 
     config = app[SERVICES].config
     public = config.settings.server.public_url or ""
-    app[SESSIONS] = Sessions(load_key(state_dir() / "secrets" / "session.key"), public.startswith("https:"))
+    shared = config.settings.server.session_secret
+    if shared is not None:
+        key = hashlib.sha256(b"support-router session:" + shared.get_secret_value().encode()).digest()
+    else:
+        key = load_key(state_dir() / "secrets" / "session.key")
+    app[SESSIONS] = Sessions(key, public.startswith("https:"))
     app.add_routes(routes)
     app.router.add_static("/static/", STATIC)
