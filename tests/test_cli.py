@@ -164,6 +164,21 @@ def test_check_config_summarises_and_masks_the_store_password(tmp_path: Path) ->
     assert "hunter2" not in result.stdout + result.stderr and SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    "password", ["hunter2/with/slashes", "hunter2?query", "hunter2#frag", "hunter2@at", "hunter2:colon"]
+)
+def test_check_config_masks_a_store_password_with_url_characters_in_it(tmp_path: Path, password: str) -> None:
+    """People paste passwords unencoded: whatever it holds, none of it shows."""
+    write_config(tmp_path, None)
+    result = cli(tmp_path, "check-config", ROUTER_STORE_URL=f"redis://:{password}@[::1]:6379/0")
+    shown = result.stdout + result.stderr
+    assert "hunter2" not in shown
+    if result.returncode == 0:
+        assert "store: redis://:***@[::1]:6379/0" in result.stdout.splitlines()
+    else:  # a URL that does not parse is refused, by its key, without its password
+        assert "store.url:" in result.stderr
+
+
 def test_check_config_lists_problems_then_exits_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('[server]\nlisten = "nowhere"\n[sla]\nhigh = "soon"\n')

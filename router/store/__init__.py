@@ -244,14 +244,14 @@ def open_store(url: str) -> Store:
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a store URL (`redis://:***@host`)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
+    """Hide the password of a store URL (`redis://:***@host`). Split by hand,
+    not by urlsplit: a password with an unencoded `/`, `?`, `#` or `@` ends
+    urlsplit's netloc early and would be shown. Everything up to the last
+    `@` is user info, so an `@` later in the URL hides too much, never too
+    little."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (separator and at and colon):
         return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return f"{scheme}://{user}:***@{host}"
