@@ -59,6 +59,32 @@ def _bounce_key(channel: str, recipient_id: str) -> str:
     return f"bounced/{channel}/{recipient_id}"
 
 
+class Door:
+    """Counts the messages being accepted, so workers can give way to a burst."""
+
+    def __init__(self, busy_at: int = BUSY_DOOR) -> None:
+        self._busy_at = busy_at
+        self._in = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def __enter__(self) -> None:
+        self._in += 1
+        if self._in == self._busy_at:
+            self._quiet.clear()
+
+    def __exit__(self, *_: object) -> None:
+        self._in -= 1
+        if self._in == self._busy_at - 1:
+            self._quiet.set()
+
+    async def quiet(self, max_s: float) -> None:
+        """Return once fewer than `busy_at` are at the door, or after `max_s`."""
+        if not self._quiet.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), max_s)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -74,21 +100,12 @@ class Pipeline:
         self.rules = rules
         self.templates = templates
         self.clock = clock
-        self._at_door = 0
-        self._door_quiet = asyncio.Event()
-        self._door_quiet.set()
+        self.door = Door()
 
     async def accept(self, message: Message) -> Accepted:
         """The channels' sink: returns once the message is durably queued."""
-        self._at_door += 1
-        if self._at_door == BUSY_DOOR:
-            self._door_quiet.clear()
-        try:
+        with self.door:
             return await self._accept(message)
-        finally:
-            self._at_door -= 1
-            if self._at_door == BUSY_DOOR - 1:
-                self._door_quiet.set()
 
     async def _accept(self, message: Message) -> Accepted:
         verdict = triage.classify(
@@ -106,9 +123,7 @@ class Pipeline:
     async def run(self, consumer: str, stop: asyncio.Event) -> None:
         """One worker: claim, handle, repeat until `stop` is set."""
         while not stop.is_set():
-            if not self._door_quiet.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._door_quiet.wait(), MAX_DEFER_S)
+            await self.door.quiet(MAX_DEFER_S)
             batch = await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s=0.5)
             await self._process(batch)
 
