@@ -1,6 +1,6 @@
 """Inbound: tag at the door, then dedupe -> thread -> route -> assign -> ack.
 
-`Pipeline.accept` is every channel's sink: it triages first (pure CPU, a few
+`Pipeline.accept` is every channel's sink: it triages first (pure CPU, tens of
 microseconds) so the durable queue already knows each message's urgency and
 hands out critical ones first (SPEC 6 promise 4). Workers then take messages
 off the queue; each step is idempotent, so a crash anywhere means the message
