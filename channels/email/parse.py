@@ -10,17 +10,14 @@ dead-letters the raw bytes if anything unforeseen does raise.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import EmailPolicy
 from email.utils import parseaddr, parsedate_to_datetime
-from typing import Any
 
 import nh3
 
@@ -40,22 +37,20 @@ _SIGNATURES = frozenset(
 )
 
 
-@functools.lru_cache(maxsize=4096)
-def _header(name: str, value: str) -> Any:
-    return policy.default.header_fetch_parse(name, value)
+class _RawPolicy(EmailPolicy):
+    """`policy.default` for parsing (EmailMessage, RFC 6532 headers), but a
+    header read back from a part is its raw text, unfolded, not an object
+    of the header registry. Building those objects was most of the cost
+    of a parse (the parser asks for each part's Content-Type several
+    times), and we never read them: header values are decoded by our own
+    lenient code, and the MIME accessors (`get_content_type`, `get_param`,
+    `get_payload(decode=True)`) work on the text, as they always did."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return value.replace("\r", "").replace("\n", "")
 
 
-class _Policy(EmailPolicy):
-    """`policy.default`, remembering each header it has parsed: the parser
-    asks for the same Content-Type several times per part and parsing it is
-    slow, so this makes a mail 6x faster to read (2.3 ms -> 0.36 ms on the
-    test corpus). Parsed headers are immutable, so sharing them is safe."""
-
-    def header_fetch_parse(self, name: str, value: Any) -> Any:
-        return value if hasattr(value, "name") else _header(name, value)
-
-
-_PARSER = BytesParser(policy=_Policy())
+_PARSER = BytesParser(policy=_RawPolicy())
 
 
 @dataclass(frozen=True, slots=True)
