@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aioimaplib
-from aioimaplib.aioimaplib import STOP_WAIT_SERVER_PUSH, Command, Response
+from aioimaplib.aioimaplib import STOP_WAIT_SERVER_PUSH, Command, FetchCommand, Response
 
 from router.errors import PermanentFailure, TemporaryFailure
 
@@ -33,6 +33,8 @@ _SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]")
 _EXISTS = re.compile(rb"^(\d+) EXISTS")
 _ERRORS = (aioimaplib.AioImapException, OSError, TimeoutError, ssl.SSLError)
+READ_SLICE = 8192
+"""Bytes handed to aioimaplib's parser at a time; see `_slice_reads`."""
 
 
 @dataclass(slots=True)
@@ -40,6 +42,45 @@ class Fetched:
     uid: int
     raw: bytes
     size: int
+
+
+class _Fetch(FetchCommand):
+    """aioimaplib's FETCH at a cost per line that does not grow with the
+    batch. Its own `wait_data` (is the last item's parenthesis still
+    open?) rescans every line received so far, after every line: quadratic
+    in the batch, a quarter of the IMAP time at 100 mails. Here the depth
+    is kept as lines arrive. Its inactivity timer was also re-armed (a
+    cancel and a new timer handle) for every line and literal chunk; here
+    a chunk only moves the deadline, which the timer checks when it fires."""
+
+    def __init__(self, tag: str, *args: str, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._depth = 0
+        super().__init__(tag, *args, prefix="UID", loop=loop, timeout=timeout)
+
+    def append_to_resp(self, line: bytes, result: str = "Pending") -> None:
+        super().append_to_resp(line, result)
+        if isinstance(line, bytes):
+            if _FETCH_START.match(line):
+                self._depth = 0
+            self._depth += line.count(b"(") - line.count(b")")
+
+    def wait_data(self) -> bool:
+        return self._depth != 0
+
+    def _set_timer(self) -> None:
+        if self._timeout is not None:
+            self._deadline = self._loop.time() + self._timeout
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+
+    def _reset_timer(self) -> None:
+        if self._timeout is not None:
+            self._deadline = self._loop.time() + self._timeout
+
+    def _expire(self) -> None:
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._expire)
+        else:
+            self._timeout_callback()
 
 
 def quote(name: str) -> str:
@@ -92,6 +133,7 @@ class ImapSession:
                 ssl_context=context,
             )
             self._watch_exists(self.client.protocol)
+            _slice_reads(self.client.protocol)
             await self._call(self.client.wait_hello_from_server())
             if settings.security == "starttls":
                 await self._starttls()
@@ -184,12 +226,16 @@ class ImapSession:
     async def fetch(self, uids: list[int], max_bytes: int) -> list[Fetched]:
         """Whole messages, or their first `max_bytes` for larger ones; without
         setting \\Seen (PEEK): the mailbox stays as it was."""
-        answer = await self._command(
-            self.client_or_fail().uid(
-                "fetch", uid_set(uids), f"(UID RFC822.SIZE BODY.PEEK[]<0.{max_bytes}>)"
-            ),
-            "FETCH",
+        client = self.client_or_fail()
+        protocol = client.protocol
+        fetch = _Fetch(
+            protocol.new_tag(),
+            uid_set(uids),
+            f"(UID RFC822.SIZE BODY.PEEK[]<0.{max_bytes}>)",
+            loop=protocol.loop,
+            timeout=client.timeout,
         )
+        answer = await self._command(protocol.execute(fetch), "FETCH")
         return _fetched(answer.lines)
 
     async def mark_seen(self, uids: list[int]) -> None:
@@ -280,6 +326,25 @@ class ImapSession:
         if self.lost.is_set():
             raise TemporaryFailure(f"IMAP {self.where}: connection lost")
         return None
+
+
+def _slice_reads(protocol: Any) -> None:
+    """aioimaplib copies the rest of what it was handed after every line
+    and every literal it takes off the front, so one read of many mails
+    (asyncio reads up to 256 KiB at once) costs the square of its size:
+    0.37 ms per mail at 256 KiB reads, 0.05 ms in 8 KiB slices. A private
+    hook, like `_watch_exists`."""
+    receive = protocol.data_received
+
+    def data_received(data: bytes) -> None:
+        if len(data) <= READ_SLICE:
+            receive(data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(data), READ_SLICE):
+            receive(bytes(view[start : start + READ_SLICE]))
+
+    protocol.data_received = data_received
 
 
 def _fetched(lines: list[bytes | bytearray]) -> list[Fetched]:
