@@ -125,7 +125,8 @@ class Ours:
 
     def run(self, directory: Path, dovecot: Dovecot, user: str, password: str, total: int) -> None:
         port = free_port()
-        env = {**os.environ, "ROUTER_LISTEN": f"127.0.0.1:{port}", "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "ROUTER_LISTEN": f"127.0.0.1:{port}", "PYTHONPATH": path}
         settings = config(directory, dovecot, user, password)
         command = [sys.executable, "-m", "router", "run", "-c", str(settings)]
         with (directory / "daemon.log").open("wb") as log:
