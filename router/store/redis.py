@@ -81,6 +81,35 @@ a writer that sends none (an older version of this store, an edit by hand
 in redis-cli) is seen within that time."""
 
 
+def thread_args(message: Message, new: Conversation) -> list[Any]:
+    """THREAD's ARGV after the prefix: the message's fields the script needs
+    to join a conversation, and `new` as it is after absorbing the message,
+    for when it starts one."""
+    fresh = new.copy()
+    fresh.absorb(message)
+    category = message.category.value if message.category else "general"
+    return [
+        message.id,
+        thread_field(new.channel, new.thread_key),
+        new.id,
+        rank(message.urgency) if message.urgency else "",
+        micros(message.received_at),
+        *(dumps(value) for value in (format_time(message.received_at), message.subject)),
+        *(dumps(value) for value in (message.urgency, category, message.reason)),
+        dumps(first_line(message.text)),
+        new_conversation_arg(fresh),
+    ]
+
+
+def threaded(message: Message, reply: Any) -> Threaded | NotFound:
+    """THREAD's reply: nil when the message was never enqueued."""
+    if reply is None:
+        return NotFound(f"no message {message.id!r}")
+    created, previous, stored = reply
+    previous_ref = previous.strip('"') if previous else None
+    return Threaded(load_conversation_json(stored), created=bool(created), previous_ref=previous_ref)
+
+
 class RedisStore(RedisQueues, RedisCheckpoints):
     def __init__(self, url: str) -> None:
         self.display_url = mask_url(url)
@@ -149,26 +178,23 @@ class RedisStore(RedisQueues, RedisCheckpoints):
     # -- conversations ---------------------------------------------------
 
     async def thread_message(self, message: Message, new: Conversation) -> Threaded:
-        fresh = new.copy()
-        fresh.absorb(message)
-        category = message.category.value if message.category else "general"
-        reply = await self._run(
-            self._thread,
-            message.id,
-            thread_field(new.channel, new.thread_key),
-            new.id,
-            rank(message.urgency) if message.urgency else "",
-            micros(message.received_at),
-            *(dumps(value) for value in (format_time(message.received_at), message.subject)),
-            *(dumps(value) for value in (message.urgency, category, message.reason)),
-            dumps(first_line(message.text)),
-            new_conversation_arg(fresh),
-        )
-        if reply is None:
-            raise NotFound(f"no message {message.id!r}")
-        created, previous, stored = reply
-        previous_ref = previous.strip('"') if previous else None
-        return Threaded(load_conversation_json(stored), created=bool(created), previous_ref=previous_ref)
+        """One script call, not a batch of one: redis-py's pipeline costs
+        the client a tenth to a third more CPU per call (measured)."""
+        outcome = threaded(message, await self._run(self._thread, *thread_args(message, new)))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def thread_messages(self, items: list[tuple[Message, Conversation]]) -> list[Threaded | Exception]:
+        """One THREAD script call per pair, all in one pipeline: Redis runs
+        them one after the other, so each sees what the ones before it wrote."""
+        if not items:
+            return []
+        replies = await self._run_batch(self._thread, [thread_args(message, new) for message, new in items])
+        return [
+            reply if isinstance(reply, Exception) else threaded(message, reply)
+            for (message, _), reply in zip(items, replies, strict=True)
+        ]
 
     async def get_conversation(self, id_or_ref: str) -> Conversation | None:
         found = await self._run(self._get_conversation, id_or_ref)

@@ -72,9 +72,6 @@ class Keys:
     def conversation_messages(self, conversation_id: str) -> str:
         return f"{self.prefix}:cm:{conversation_id}"
 
-    def acks(self, channel: str, recipient_id: str) -> str:
-        return f"{self.prefix}:acks:{channel}:{recipient_id}"
-
     def outlog(self, channel: str) -> str:
         return f"{self.prefix}:outlog:{channel}"
 

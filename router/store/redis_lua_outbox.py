@@ -7,15 +7,25 @@ from router.store.redis_lua_queue import COMMON
 PROMOTE_MAX = 1000
 """Due messages moved to `ready` per channel and claim: bounds one script's run."""
 
+CAPPED = 2
+"""ENQUEUE_OUTBOUND's answer when the recipient's acks reached the cap."""
+
 # ARGV: P, id, json, channel, conversation id or '', received us, received_at JSON,
-#       kind, dedupe field, delivery JSON, queued '1'/'0', due (s), recipient id
-# -> nil: no such conversation; {1, hash}: stored before; {0, hash}: stored now
+#       kind, dedupe field, delivery JSON, queued '1'/'0', due (s), recipient id,
+#       cap or '' for none, since (us): with a cap, nothing is stored when the
+#       recipient has `cap` acks or more on this channel since then (per-sender cap)
+# -> nil: no such conversation; {1, hash}: stored before; {0, hash}: stored now;
+#    {CAPPED}: over the cap
 ENQUEUE_OUTBOUND = (
     COMMON
-    + """
+    + f"""
 local id, channel, cid = ARGV[2], ARGV[4], ARGV[5]
 local m = P .. ':m:' .. id
-if redis.call('EXISTS', m) == 1 then return {1, redis.call('HGETALL', m)} end
+if redis.call('EXISTS', m) == 1 then return {{1, redis.call('HGETALL', m)}} end
+local acks = P .. ':acks:' .. channel .. ':' .. ARGV[13]
+if ARGV[14] ~= '' and redis.call('ZCOUNT', acks, ARGV[15], '+inf') >= tonumber(ARGV[14]) then
+  return {{{CAPPED}}}
+end
 if cid ~= '' then
   local c = P .. ':c:' .. cid
   if redis.call('EXISTS', c) == 0 then return false end
@@ -36,14 +46,12 @@ if cid ~= '' then
 end
 redis.call('ZADD', P .. ':outlog:' .. channel, seq, id)
 redis.call('HSETNX', P .. ':outkey', ARGV[9], id)
-if ARGV[8] == 'ack' then
-  redis.call('ZADD', P .. ':acks:' .. channel .. ':' .. ARGV[13], ARGV[6], id)
-end
+if ARGV[8] == 'ack' then redis.call('ZADD', acks, ARGV[6], id) end
 if ARGV[11] == '1' then
   redis.call('ZADD', P .. ':out:' .. channel .. ':later', ARGV[12], id)
   wake('out')
 end
-return {0, redis.call('HGETALL', m)}
+return {{0, redis.call('HGETALL', m)}}
 """
 )
 

@@ -16,6 +16,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from router.errors import NotFound, StoreError
@@ -43,7 +44,13 @@ from router.store.redis_codec import (
 )
 from router.store.redis_conn import Connection, translate
 from router.store.redis_keys import GROUP, SEP
-from router.store.redis_lua_outbox import CLAIM_OUTBOUND, ENQUEUE_OUTBOUND, MARK_PULLED, RECORD_DELIVERY
+from router.store.redis_lua_outbox import (
+    CAPPED,
+    CLAIM_OUTBOUND,
+    ENQUEUE_OUTBOUND,
+    MARK_PULLED,
+    RECORD_DELIVERY,
+)
 from router.store.redis_lua_queue import (
     ADD_DEAD,
     CLAIM_INBOUND,
@@ -85,6 +92,36 @@ class RedisQueues:
         with translate(self._conn.display_url):
             return await script(args=[self._p, *args])
 
+    async def _run_batch(self, script: AsyncScript, calls: list[list[Any]]) -> list[Any]:
+        """One pipeline of EVALSHA, one per call (each call's ARGV after the
+        prefix): one round trip, run by Redis in order. A call that fails
+        (a script error) gets a StoreError in its place in the replies, as
+        `_run` would raise; losing the connection fails them all at once.
+
+        Redis forgets its scripts when it restarts: then the calls answered
+        NOSCRIPT, which did not run, are sent once more, in order, after the
+        script is loaded. Only those: a call that ran keeps its reply, and
+        running it again would answer differently (a repeat)."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        with translate(self._conn.display_url):
+            for attempt in range(2):
+                pipe = self._conn.pipeline()
+                for index in todo:
+                    pipe.evalsha(script.sha, 0, self._p, *calls[index])
+                for index, reply in zip(todo, await pipe.execute(raise_on_error=False), strict=True):
+                    replies[index] = reply
+                todo = [index for index in todo if isinstance(replies[index], NoScriptError)]
+                if attempt or not todo:
+                    break
+                script.sha = await self._conn.redis.script_load(script.script)
+        return [
+            StoreError(f"{self._conn.display_url}: {type(reply).__name__}: {reply}")
+            if isinstance(reply, ResponseError)
+            else reply
+            for reply in replies
+        ]
+
     async def _create_groups(self) -> None:
         """Idempotent; also run when Redis lost its data (a restart without
         appendonly), which the claim notices as NOGROUP."""
@@ -105,7 +142,6 @@ class RedisQueues:
         """One pipeline for the batch; each script reply answers one caller."""
         calls = [
             [
-                self._p,
                 f"{m.channel}{SEP}{m.external_id}",
                 m.id,
                 dumps(m.to_dict()),
@@ -115,31 +151,14 @@ class RedisQueues:
             for m in batch
         ]
         outcomes: list[Accepted | Exception] = []
-        for reply in await self._send_enqueues(calls):
+        for reply in await self._run_batch(self._enqueue_in, calls):
             if isinstance(reply, Exception):
-                outcomes.append(
-                    reply if isinstance(reply, StoreError) else StoreError(f"enqueue failed: {reply}")
-                )
+                outcomes.append(reply)
             else:
                 message_id, ref, fresh = reply
                 ref = ref.strip('"') if ref else None
                 outcomes.append(Accepted(message_id, ref, duplicate=not fresh))
         return outcomes
-
-    async def _send_enqueues(self, calls: list[list[Any]]) -> list[Any]:
-        """One pipeline of EVALSHA. Redis forgets scripts when it restarts:
-        then every call of the batch failed alike, so the script is loaded and
-        the batch sent once more (nothing of it ran the first time)."""
-        with translate(self._conn.display_url):
-            for attempt in range(2):
-                pipe = self._conn.pipeline()
-                for args in calls:
-                    pipe.evalsha(self._enqueue_in.sha, 0, *args)
-                replies = await pipe.execute(raise_on_error=False)
-                if attempt or not any(isinstance(reply, NoScriptError) for reply in replies):
-                    break
-                self._enqueue_in.sha = await self._conn.redis.script_load(ENQUEUE_INBOUND)
-        return replies
 
     async def claim_inbound(
         self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
@@ -193,6 +212,18 @@ class RedisQueues:
     # -- outbox ------------------------------------------------------------
 
     async def enqueue_outbound(self, message: Message) -> Message:
+        stored = await self._enqueue_outbound(message, "", "")
+        assert stored is not None, "no cap, so never capped"
+        return stored
+
+    async def enqueue_ack(self, ack: Message, since: datetime, cap: int) -> Message | None:
+        """The count and the enqueue run in one script, so no other daemon
+        queues an ack to this customer in between."""
+        return await self._enqueue_outbound(ack, micros(since), cap)
+
+    async def _enqueue_outbound(self, message: Message, since: int | str, cap: int | str) -> Message | None:
+        """ENQUEUE_OUTBOUND; with a `cap` (not ''), None when the recipient
+        has that many acks since `since` (microseconds) and nothing was stored."""
         delivery = message.delivery or Delivery()
         queued = delivery.status is DeliveryStatus.QUEUED
         reply = await self._run(
@@ -209,9 +240,13 @@ class RedisQueues:
             "1" if queued else "0",
             due_seconds(delivery),
             message.recipient.id if message.recipient else "",
+            cap,
+            since,
         )
         if reply is None:
             raise NotFound(f"no conversation {message.conversation_id!r}")
+        if reply[0] == CAPPED:
+            return None
         return load_message(pairs(reply[1]))
 
     async def claim_outbound(
@@ -255,12 +290,6 @@ class RedisQueues:
 
     async def mark_pulled(self, channel: str, upto: int) -> None:
         await self._run(self._mark_pulled, channel, upto)
-
-    async def count_acks(self, channel: str, recipient_id: str, since: datetime) -> int:
-        with translate(self._conn.display_url):
-            return int(
-                await self._conn.redis.zcount(self._keys.acks(channel, recipient_id), micros(since), "+inf")
-            )
 
     async def _messages(self, ids: list[str]) -> list[Message]:
         """Several messages in one round trip, in the order asked; gone ones left out."""
