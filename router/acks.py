@@ -123,18 +123,16 @@ def humanize_duration(delta: timedelta, language: str | None) -> str:
     return f"{count} {one if count == 1 else many}"
 
 
-def ack_block_reason(message: Message, acks_last_hour: int, max_per_hour: int) -> str | None:
-    """Why this message must not be acked (SPEC 6.3, no loops), or None.
-
-    Acking a robot starts a mail loop and acking a flood spams a real person;
-    either way the conversation still reaches the inbox, only the ack is held.
-    """
+def ack_block_reason(message: Message) -> str | None:
+    """Why this message must not be acked because a machine sent it (SPEC
+    6.3, no loops), or None. Acking a robot starts a mail loop; the
+    conversation still reaches the inbox, only the ack is held. The
+    per-sender cap, which keeps a flood from spamming a real person, is
+    counted by the store as it queues the ack (`Store.enqueue_ack`)."""
     if message.auto_generated:
         return "auto-generated"
     for value in (message.sender.address, message.sender.id):
         local_part = (value or "").rpartition("@")[0] or value or ""
         if _NO_REPLY.search(local_part):
             return f"no-reply sender {value}"
-    if acks_last_hour >= max_per_hour:
-        return f"sender already got {acks_last_hour} acks this hour (limit {max_per_hour})"
     return None

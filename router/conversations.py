@@ -22,9 +22,19 @@ def format_ref(number: int) -> str:
     return f"T-{number:06d}"
 
 
+def plain_key(message: Message) -> str | None:
+    """The key that threads `message` when it needs no lookup (it answers
+    nothing and names no ref), else None: then ask `thread_key`."""
+    if message.references or (message.subject and REF_IN_SUBJECT.search(message.subject)):
+        return None
+    return message.thread_key or message.external_id
+
+
 async def thread_key(store: Store, message: Message) -> str:
     """The key that threads `message`: a conversation it answers, else the
     ref in its subject, else the channel's own key, else the sender."""
+    if (key := plain_key(message)) is not None:
+        return key
     for external_id in reversed(message.references):
         known = await store.find_message(message.channel, external_id)
         if known is not None and known.conversation_id:

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from router import conversations, metrics, routing, triage
 from router.acks import Templates, ack_block_reason, humanize_duration
 from router.config import Config
+from router.errors import StoreError
 from router.model import (
     Accepted,
     Conversation,
@@ -136,10 +137,11 @@ class Pipeline:
         """Handle a claimed batch, then take the handled messages off the queue
         in one step: a crash before that only repeats idempotent work. A
         failure is recorded at once, so its retry does not wait for the batch."""
+        threaded = await self._thread_plain(batch)
         handled: list[str] = []
         for message in batch:
             try:
-                await self.handle(message)
+                await self.handle(message, threaded.get(message.id))
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 dead = await self.store.fail_inbound(message.id, error, self.settings.pipeline.max_attempts)
@@ -150,15 +152,48 @@ class Pipeline:
         if handled:
             await self.store.complete_inbound(handled)
 
-    async def handle(self, message: Message) -> Conversation:
+    async def _thread_plain(self, batch: list[Message]) -> dict[str, Threaded | Exception]:
+        """Thread the batch's plain messages (new text on a known key: no
+        edit, nothing answered, no ref named) in one store step, one round
+        trip instead of one each. Only those before the first other message
+        and one per key, so every message is still threaded as if one after
+        another: a lookup may lead an answer to any key, and a second
+        message on a key must see what the first one's handling did."""
         now = self.clock()
+        plain: list[tuple[Message, Conversation]] = []
+        keys: set[tuple[str, str]] = set()
+        for message in batch:
+            key = conversations.plain_key(message) if message.edit_of is None else None
+            if key is None:
+                break
+            if (message.channel, key) not in keys:
+                keys.add((message.channel, key))
+                team = routing.route(self.settings, message)
+                plain.append((message, conversations.start(message, key, team, now, self.settings.sla)))
+        if len(plain) < 2:
+            return {}
+        try:
+            outcomes = await self.store.thread_messages(plain)
+        except StoreError:
+            raise  # the store is away: the worker backs off
+        except Exception:
+            log.exception("threading a batch failed; each message is threaded on its own")
+            return {}
+        return {message.id: outcome for (message, _), outcome in zip(plain, outcomes, strict=True)}
+
+    async def handle(self, message: Message, threaded: Threaded | Exception | None = None) -> Conversation:
+        """`threaded` is the message's outcome in `_thread_plain`, if it had one."""
+        now = self.clock()
+        if isinstance(threaded, Exception):
+            raise threaded
         if message.edit_of is not None and (edited := await self._apply_edit(message, now)) is not None:
             return edited
-        key = await conversations.thread_key(self.store, message)
         team = routing.route(self.settings, message)
-        threaded = await self.store.thread_message(
-            message, conversations.start(message, key, team, now, self.settings.sla)
-        )
+        if threaded is None:
+            key = await conversations.thread_key(self.store, message)
+            threaded = await self.store.thread_message(
+                message, conversations.start(message, key, team, now, self.settings.sla)
+            )
         conversation = threaded.conversation
         if threaded.created:
             if threaded.previous_ref:
@@ -260,10 +295,7 @@ class Pipeline:
         acks = self.settings.acks
         if not acks.enabled or conversation.acked or not await self._opens(message, conversation, threaded):
             return
-        recent = await self.store.count_acks(
-            conversation.channel, message.sender.id, now - timedelta(hours=1)
-        )
-        blocked = ack_block_reason(message, recent, acks.max_per_sender_per_hour)
+        blocked = ack_block_reason(message)
         if not blocked and message.channel_type == "email":  # only mail bounces
             key = _bounce_key(message.channel, message.sender.id)
             bounced_at = parse_time(await self.store.get_checkpoint(key))
@@ -301,7 +333,11 @@ class Pipeline:
             in_reply_to=message.external_id,
             delivery=Delivery(),
         )
-        stored = await self.store.enqueue_outbound(ack)  # also marks the conversation acked
+        cap = acks.max_per_sender_per_hour
+        stored = await self.store.enqueue_ack(ack, now - timedelta(hours=1), cap)  # marks it acked
+        if stored is None:
+            log.info("no ack for %s: the customer already got %d acks this hour", conversation.ref, cap)
+            return
         await self.store.publish(Event("message.created", stored.to_dict()))
 
     async def _opens(self, message: Message, conversation: Conversation, threaded: Threaded) -> bool:

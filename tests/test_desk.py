@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -215,10 +216,10 @@ async def test_poison_message_is_dead_lettered_and_the_queue_flows(
 ) -> None:
     real = desk.pipeline.handle
 
-    async def explode_on_poison(message: Message):
+    async def explode_on_poison(message: Message, *rest: Any):
         if "POISON" in message.text:
             raise RuntimeError("cannot handle this one")
-        return await real(message)
+        return await real(message, *rest)
 
     monkeypatch.setattr(desk.pipeline, "handle", explode_on_poison)
     await desk.receive("POISON pill")
@@ -279,7 +280,25 @@ async def test_workers_give_way_to_a_burst_at_the_door_but_never_stall(desk: Des
     await worker
 
 
-async def accept_only(desk: Desk_, text: str) -> Message:
+async def test_a_claimed_batch_threads_like_one_message_after_another(desk: Desk_) -> None:
+    """Workers thread a batch's messages in one store step: several per
+    customer and several customers in one batch still make one conversation
+    per customer, every message in it once, and one ack each."""
+    senders = ["u-a", "u-b", "u-a", "u-c", "u-b", "u-a", "u-d", "u-c"]
+    for i, sender in enumerate(senders):
+        await accept_only(desk, f"question {i} about my deposit", sender=sender)
+    await desk.pipeline.drain()
+    found = {c.customer.id: c for c in await conversations(desk)}
+    assert sorted(found) == ["u-a", "u-b", "u-c", "u-d"]
+    for sender, conversation in found.items():
+        history = await desk.store.conversation_messages(conversation.id)
+        texts = [m.text for m in history if m.direction is Direction.IN]
+        assert texts == [f"question {i} about my deposit" for i, s in enumerate(senders) if s == sender]
+        assert [m.kind for m in history].count(Kind.ACK) == 1
+        assert conversation.message_count == len(history)
+
+
+async def accept_only(desk: Desk_, text: str, sender: str = "u-burst") -> Message:
     """Queued, not handled: no drain."""
     message = Message(
         id=new_id("m"),
@@ -288,9 +307,10 @@ async def accept_only(desk: Desk_, text: str) -> Message:
         direction=Direction.IN,
         kind=Kind.CUSTOMER,
         external_id=new_id("x"),
-        sender=Party(id="u-burst"),
+        sender=Party(id=sender),
         text=text,
         received_at=desk.clock(),
+        thread_key=sender,
     )
     await desk.pipeline.accept(message)
     return message

@@ -407,6 +407,33 @@ async def test_threading_is_idempotent(store: Store) -> None:
         await store.thread_message(inbound("never-stored"), fresh_conversation(message))
 
 
+async def test_threading_a_batch_is_threading_each_in_turn(store: Store) -> None:
+    """A later message on the same key joins what an earlier one created; a
+    message never enqueued fails alone."""
+    messages = [
+        inbound("e1", thread="user-1"),
+        inbound("e2", thread="user-2"),
+        inbound("e3", thread="user-1", at=BASE + timedelta(minutes=1)),
+    ]
+    for message in messages:
+        await store.enqueue_inbound(message)
+    stray = inbound("never-stored", thread="user-3")
+    items = [(m, fresh_conversation(m)) for m in [messages[0], messages[1], stray, messages[2]]]
+    first, second, failed, joined = await store.thread_messages(items)
+    assert isinstance(first, Threaded) and isinstance(second, Threaded) and isinstance(joined, Threaded)
+    assert isinstance(failed, NotFound)
+    assert (first.created, second.created, joined.created) == (True, True, False)
+    assert [first.conversation.ref, second.conversation.ref] == ["T-000001", "T-000002"]
+    assert joined.conversation.id == first.conversation.id
+    assert joined.conversation.message_count == 2
+    history = await store.conversation_messages(first.conversation.id)
+    assert [m.external_id for m in history] == ["e1", "e3"]
+    again = await store.thread_messages([(messages[0], fresh_conversation(messages[0]))])
+    assert isinstance(again[0], Threaded) and not again[0].created
+    assert again[0].conversation.message_count == 2
+    assert await store.thread_messages([]) == []
+
+
 async def test_the_most_urgent_message_decides_urgency_category_and_reason(store: Store) -> None:
     steps = [
         (Urgency.LOW, Category.GENERAL, None, Urgency.LOW, None),
@@ -717,18 +744,31 @@ async def test_pull_mode_reads_in_queue_order_and_marks_sent(store: Store) -> No
     ]
 
 
-async def test_count_acks_per_channel_recipient_and_time(store: Store) -> None:
+async def test_an_ack_is_queued_only_below_the_recipients_cap(store: Store) -> None:
     conversation = (await ingest(store, "e1", thread="user-1")).conversation
     tg = (await ingest(store, "e2", channel="tg", thread="user-1")).conversation
-    await stored_outbound(store, conversation, kind=Kind.ACK, at=BASE)
-    await stored_outbound(store, conversation, kind=Kind.ACK, at=BASE + timedelta(minutes=30))
-    await stored_outbound(store, conversation, kind=Kind.AGENT, at=BASE + timedelta(minutes=40))
-    await stored_outbound(store, conversation, kind=Kind.ACK, at=BASE, recipient="user-2")
-    await stored_outbound(store, tg, kind=Kind.ACK, at=BASE)
-    assert await store.count_acks("web", "user-1", BASE - timedelta(hours=1)) == 2
-    assert await store.count_acks("web", "user-1", BASE + timedelta(minutes=10)) == 1
-    assert await store.count_acks("web", "user-2", BASE - timedelta(hours=1)) == 1
-    assert await store.count_acks("web", "user-3", BASE - timedelta(hours=1)) == 0
+    hour_ago = BASE - timedelta(hours=1)
+    queued = []
+    for _ in range(2):
+        ack = await store.enqueue_ack(outbound(conversation, kind=Kind.ACK, at=BASE), hour_ago, 2)
+        assert ack is not None and ack.seq is not None
+        queued.append(ack.id)
+    await stored_outbound(store, conversation, kind=Kind.AGENT, at=BASE)  # replies do not count
+    capped = outbound(conversation, kind=Kind.ACK, at=BASE + timedelta(minutes=1))
+    assert await store.enqueue_ack(capped, hour_ago, 2) is None
+    assert await store.get_message(capped.id) is None
+    # Only acks since `since` count, and per channel and recipient.
+    assert await store.enqueue_ack(capped, BASE + timedelta(seconds=1), 2) is not None
+    other = outbound(conversation, kind=Kind.ACK, at=BASE, recipient="user-2")
+    assert await store.enqueue_ack(other, hour_ago, 2) is not None
+    assert await store.enqueue_ack(outbound(tg, kind=Kind.ACK, at=BASE), hour_ago, 2) is not None
+    # A stored ack comes back as stored, even at the cap.
+    again = await store.enqueue_ack(capped, hour_ago, 0)
+    assert again is not None and again.id == capped.id and again.seq is not None
+    stored = await store.get_conversation(conversation.id)
+    assert stored is not None and stored.acked
+    claimed = await store.claim_outbound("a", ["web"], BASE + timedelta(hours=1), 10, 60)
+    assert {m.id for m in claimed if m.kind is Kind.ACK} == {*queued, capped.id, other.id}
 
 
 # -- agents -------------------------------------------------------------------------

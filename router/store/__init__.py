@@ -106,6 +106,14 @@ class Store(Protocol):
         a message already attached returns its conversation with
         `created=False`. Raises NotFound for a message never enqueued."""
 
+    async def thread_messages(self, items: list[tuple[Message, Conversation]]) -> list[Threaded | Exception]:
+        """`thread_message` for each (message, new conversation) pair, in order,
+        in one step (one round trip, one write): the same outcome as calling it
+        for each in turn, so a later message on the same thread key joins the
+        conversation an earlier one created. Each pair is atomic on its own; a
+        pair that fails (NotFound for a message never enqueued) gets its
+        exception in its place and the others go on."""
+
     async def get_conversation(self, id_or_ref: str) -> Conversation | None: ...
 
     async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
@@ -170,8 +178,12 @@ class Store(Protocol):
     async def mark_pulled(self, channel: str, upto: int) -> None:
         """Pull mode: the client has moved past `upto`; those are sent."""
 
-    async def count_acks(self, channel: str, recipient_id: str, since: datetime) -> int:
-        """Acks queued to one customer since a time, for the per-sender cap."""
+    async def enqueue_ack(self, ack: Message, since: datetime, cap: int) -> Message | None:
+        """`enqueue_outbound` for an ack, unless its recipient (`ack.recipient.id`
+        on `ack.channel`) already has `cap` or more acks queued since `since`:
+        then None, and nothing is stored. Counting and queuing are one atomic
+        step, so daemons sharing a store never let a customer past the cap. An
+        ack already stored under the same id is returned as stored, cap or not."""
 
     # -- agents ------------------------------------------------------------
 

@@ -96,6 +96,9 @@ class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
     async def thread_message(self, message: Message, new: Conversation) -> Threaded:
         return await self._db.write(lambda db: _thread_message(db, message, new))
 
+    async def thread_messages(self, items: list[tuple[Message, Conversation]]) -> list[Threaded | Exception]:
+        return await self._db.write(lambda db: _thread_messages(db, items))
+
     async def get_conversation(self, id_or_ref: str) -> Conversation | None:
         row = await self._db.fetch_one(
             "SELECT data FROM conversations WHERE id = ? OR ref = ?", (id_or_ref, id_or_ref)
@@ -259,6 +262,24 @@ def _thread_message(db: sqlite3.Connection, message: Message, new: Conversation)
         (conversation.id, seq),
     )
     return threaded
+
+
+def _thread_messages(
+    db: sqlite3.Connection, items: list[tuple[Message, Conversation]]
+) -> list[Threaded | Exception]:
+    """Each pair in its own savepoint, so a failed one is undone alone."""
+    outcomes: list[Threaded | Exception] = []
+    for message, new in items:
+        db.execute("SAVEPOINT thread")
+        try:
+            outcomes.append(_thread_message(db, message, new))
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) and not isinstance(exc, sqlite3.IntegrityError):
+                raise  # the transaction failed (I/O, locks): every pair fails with it
+            db.execute("ROLLBACK TO thread")
+            outcomes.append(exc)
+        db.execute("RELEASE thread")
+    return outcomes
 
 
 def _update_conversation(

@@ -21,6 +21,7 @@ from router.store.sqlite_schema import (
     load_message,
     message_row,
     micros,
+    recipient_id,
 )
 
 
@@ -77,16 +78,28 @@ class SQLiteOutbox:
     async def mark_pulled(self, channel: str, upto: int) -> None:
         await self._db.write(lambda db: _mark_pulled(db, channel, upto))
 
-    async def count_acks(self, channel: str, recipient_id: str, since: datetime) -> int:
-        rows = await self._db.fetch(
-            "SELECT COUNT(*) FROM messages WHERE kind = 'ack' AND channel = ? AND recipient_id = ?"
-            " AND received_us >= ?",
-            (channel, recipient_id, micros(since)),
-        )
-        return int(rows[0][0])
+    async def enqueue_ack(self, ack: Message, since: datetime, cap: int) -> Message | None:
+        stored = await self._db.write(lambda db: _enqueue_ack(db, ack, since, cap))
+        if stored is not None:
+            self._outbound.fire()
+        return stored
 
 
 # -- transactions, run on the writer's thread -------------------------------------
+
+
+def _enqueue_ack(db: sqlite3.Connection, ack: Message, since: datetime, cap: int) -> Message | None:
+    stored = fetch_one(db, "SELECT seq, data FROM messages WHERE id = ?", (ack.id,))
+    if stored is not None:
+        return load_message(*stored)
+    row = fetch_one(
+        db,
+        "SELECT COUNT(*) FROM messages WHERE kind = 'ack' AND channel = ? AND recipient_id = ?"
+        " AND received_us >= ?",
+        (ack.channel, recipient_id(ack), micros(since)),
+    )
+    count = row[0] if row else 0
+    return _enqueue_outbound(db, ack) if count < cap else None
 
 
 def _enqueue_outbound(db: sqlite3.Connection, message: Message) -> Message:
