@@ -11,6 +11,16 @@ not visible in `ps`).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
+    sys.path[0] = str(REPO)
+
 import argparse
 import hashlib
 import hmac

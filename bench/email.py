@@ -26,15 +26,19 @@ ratios of one run, not single digits across runs.
 
 from __future__ import annotations
 
-import os
 import sys
+from pathlib import Path
 
-# Run as a script, sys.path[0] is bench/, where this file would shadow the stdlib `email`.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
+    sys.path[0] = str(REPO)
 
 import argparse
 import imaplib
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -44,12 +48,8 @@ import urllib.request
 from collections.abc import Callable
 from email import policy
 from email.parser import BytesParser
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.services import Dovecot, free_port  # noqa: E402
+from tests.services import Dovecot, free_port
 
 CORPUS = REPO / "tests" / "data" / "email"
 BATCH = 100

@@ -22,6 +22,16 @@ ack, a sent reply and a failed one) into that directory.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
+    sys.path[0] = str(REPO)
+
 import argparse
 import asyncio
 import contextlib
@@ -35,18 +45,15 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
 
-REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 SECRET = "bench-inbox-secret-0123456789abcdef"
 CHROMIUM = "/usr/bin/chromium"

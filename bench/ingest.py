@@ -21,6 +21,16 @@ before any timing starts. The generator shares the machine with the servers.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
+    sys.path[0] = str(REPO)
+
 import argparse
 import asyncio
 import contextlib
@@ -35,18 +45,15 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 CUSTOMERS = 500
 SECURITY_SHARE = 0.15

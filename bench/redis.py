@@ -31,24 +31,25 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":
-    # Run as a script, this file's folder comes first on sys.path and its name
-    # would shadow the redis package: import from the repository root instead.
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
     sys.path[0] = str(REPO)
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import secrets  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+import argparse
+import asyncio
+import contextlib
+import secrets
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
 
-import aiohttp  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
+import aiohttp
+import redis.asyncio as aioredis
 
-from bench.ingest import (  # noqa: E402
+from bench.ingest import (
     EventWatch,
     Load,
     Server,
@@ -72,13 +73,13 @@ from bench.ingest import (  # noqa: E402
     wait_ready,
     write_config,
 )
-from router import config as configuration  # noqa: E402
-from router import triage  # noqa: E402
-from router.acks import Templates  # noqa: E402
-from router.conversations import start  # noqa: E402
-from router.model import Direction, Kind, Message, Party, new_id, utcnow  # noqa: E402
-from router.pipeline import CLAIM_BATCH, Pipeline  # noqa: E402
-from router.store.redis import RedisStore  # noqa: E402
+from router import config as configuration
+from router import triage
+from router.acks import Templates
+from router.conversations import start
+from router.model import Direction, Kind, Message, Party, new_id, utcnow
+from router.pipeline import CLAIM_BATCH, Pipeline
+from router.store.redis import RedisStore
 
 WORKERS = 4
 POPULATE_BATCH = 2000

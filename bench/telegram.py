@@ -23,6 +23,16 @@ compare runs rather than single figures.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    # Run as a script, bench/ comes first on sys.path, and bench/email.py,
+    # redis.py and telegram.py would shadow the packages of those names:
+    # import from the repository root instead.
+    sys.path[0] = str(REPO)
+
 import argparse
 import asyncio
 import os
@@ -30,18 +40,13 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tests.botapi import TOKEN, BotAPI  # noqa: E402
+from tests.botapi import TOKEN, BotAPI
 
 PHASE_TIMEOUT_S = 180.0
 TEXTS = [
