@@ -29,12 +29,14 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from router.store.redis import RedisStore
 
 READY_S = 20.0
 
@@ -141,6 +143,18 @@ def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def redis_pair(shared_redis: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one prefix, each with its own pool: two daemons' view."""
+    url = shared_redis.url(f"pair-{uuid.uuid4().hex[:12]}")
+    one, two = RedisStore(url), RedisStore(url)
+    await one.open()
+    await two.open()
+    yield one, two
+    await one.close()
+    await two.close()
 
 
 # -- mail: Dovecot (IMAP) and an aiosmtpd peer ----------------------------------

@@ -47,6 +47,12 @@ class Desk_:
     outbox: Outbox
 
     async def receive(self, text: str, sender: str = "u-1", key: str | None = None, **extra) -> Message:
+        message = await self.queue(text, sender, key, **extra)
+        await self.pipeline.drain()
+        return message
+
+    async def queue(self, text: str, sender: str = "u-1", key: str | None = None, **extra) -> Message:
+        """Accepted, not handled yet."""
         message = Message(
             id=new_id("m"),
             channel="web",
@@ -61,7 +67,6 @@ class Desk_:
             **extra,
         )
         await self.pipeline.accept(message)
-        await self.pipeline.drain()
         return message
 
 
@@ -265,7 +270,7 @@ async def test_outbox_backs_off_then_delivers_and_permanent_errors_fail(
 async def test_workers_give_way_to_a_burst_at_the_door_but_never_stall(desk: Desk_) -> None:
     """While a burst is being accepted the senders come first; the queue
     still moves, a batch at least every MAX_DEFER_S."""
-    message = await accept_only(desk, "what is the withdrawal fee?")
+    message = await desk.queue("what is the withdrawal fee?", sender="u-burst")
     stop = asyncio.Event()
     with contextlib.ExitStack() as burst:
         for _ in range(BUSY_DOOR):
@@ -274,7 +279,7 @@ async def test_workers_give_way_to_a_burst_at_the_door_but_never_stall(desk: Des
         await asyncio.sleep(MAX_DEFER_S / 2)
         assert (await desk.store.get_message(message.id)).conversation_id is None
         await wait_until(lambda: handled(desk, message), within_s=MAX_DEFER_S + 5)
-    second = await accept_only(desk, "and how long does a deposit take?")
+    second = await desk.queue("and how long does a deposit take?", sender="u-burst")
     await wait_until(lambda: handled(desk, second), within_s=5)
     stop.set()
     await worker
@@ -286,7 +291,7 @@ async def test_a_claimed_batch_threads_like_one_message_after_another(desk: Desk
     per customer, every message in it once, and one ack each."""
     senders = ["u-a", "u-b", "u-a", "u-c", "u-b", "u-a", "u-d", "u-c"]
     for i, sender in enumerate(senders):
-        await accept_only(desk, f"question {i} about my deposit", sender=sender)
+        await desk.queue(f"question {i} about my deposit", sender=sender)
     await desk.pipeline.drain()
     found = {c.customer.id: c for c in await conversations(desk)}
     assert sorted(found) == ["u-a", "u-b", "u-c", "u-d"]
@@ -296,24 +301,6 @@ async def test_a_claimed_batch_threads_like_one_message_after_another(desk: Desk
         assert texts == [f"question {i} about my deposit" for i, s in enumerate(senders) if s == sender]
         assert [m.kind for m in history].count(Kind.ACK) == 1
         assert conversation.message_count == len(history)
-
-
-async def accept_only(desk: Desk_, text: str, sender: str = "u-burst") -> Message:
-    """Queued, not handled: no drain."""
-    message = Message(
-        id=new_id("m"),
-        channel="web",
-        channel_type="webhook",
-        direction=Direction.IN,
-        kind=Kind.CUSTOMER,
-        external_id=new_id("x"),
-        sender=Party(id=sender),
-        text=text,
-        received_at=desk.clock(),
-        thread_key=sender,
-    )
-    await desk.pipeline.accept(message)
-    return message
 
 
 async def handled(desk: Desk_, message: Message) -> bool:

@@ -10,8 +10,7 @@ the Redis side promises.
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,21 +21,9 @@ import router.store.redis as redis_store
 from router.errors import NotFound, StoreError
 from router.model import Conversation, Direction, Kind, Message, Party, Threaded, new_id
 from router.store.redis import RedisStore
-from tests.services import RedisServer
+from tests.test_store_contract import fresh_conversation, inbound
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pair(shared_redis: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two "daemons" on one prefix, each with its own pool."""
-    url = shared_redis.url(f"batch-{uuid.uuid4().hex[:12]}")
-    one, two = RedisStore(url), RedisStore(url)
-    await one.open()
-    await two.open()
-    yield one, two
-    await one.close()
-    await two.close()
 
 
 @pytest.fixture
@@ -54,31 +41,7 @@ def round_trips(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 
 def customer(thread: str, at: datetime = BASE) -> Message:
-    external_id = new_id("x")
-    return Message(
-        id=new_id("m"),
-        channel="web",
-        channel_type="webhook",
-        direction=Direction.IN,
-        kind=Kind.CUSTOMER,
-        external_id=external_id,
-        sender=Party(id=thread, name="Ann"),
-        text=f"text of {external_id}",
-        received_at=at,
-        thread_key=thread,
-    )
-
-
-def new_conversation(message: Message) -> Conversation:
-    return Conversation(
-        id=new_id("c"),
-        channel=message.channel,
-        customer=message.sender,
-        thread_key=message.thread_key or message.sender.id,
-        created_at=message.received_at,
-        last_message_at=message.received_at,
-        team="support",
-    )
+    return inbound(new_id("x"), thread=thread, at=at)
 
 
 def ack(conversation: Conversation, at: datetime = BASE) -> Message:
@@ -102,7 +65,7 @@ async def enqueued(store: RedisStore, *threads: str) -> list[tuple[Message, Conv
     messages = [customer(thread, BASE + timedelta(seconds=i)) for i, thread in enumerate(threads)]
     for message in messages:
         await store.enqueue_inbound(message)
-    return [(message, new_conversation(message)) for message in messages]
+    return [(message, fresh_conversation(message)) for message in messages]
 
 
 def created(outcomes: list[Threaded | Exception]) -> list[bool]:
@@ -111,9 +74,9 @@ def created(outcomes: list[Threaded | Exception]) -> list[bool]:
 
 
 async def test_threading_a_batch_is_one_round_trip(
-    pair: tuple[RedisStore, RedisStore], round_trips: list[int]
+    redis_pair: tuple[RedisStore, RedisStore], round_trips: list[int]
 ) -> None:
-    store, _ = pair
+    store, _ = redis_pair
     await store.thread_messages(await enqueued(store, "u-0"))  # Redis has the script now
     items = await enqueued(store, "u-1", "u-2", "u-1", "u-3", "u-2")
     before = round_trips[0]
@@ -123,11 +86,11 @@ async def test_threading_a_batch_is_one_round_trip(
 
 
 async def test_a_flushed_script_cache_costs_one_load_and_one_resend(
-    pair: tuple[RedisStore, RedisStore], round_trips: list[int]
+    redis_pair: tuple[RedisStore, RedisStore], round_trips: list[int]
 ) -> None:
     """As after a Redis restart: the calls answered NOSCRIPT did not run, so
     resending them gives the answers a first run would have given."""
-    store, _ = pair
+    store, _ = redis_pair
     items = await enqueued(store, "u-1", "u-1", "u-2")
     await store._conn.redis.script_flush()
     before = round_trips[0]
@@ -138,9 +101,9 @@ async def test_a_flushed_script_cache_costs_one_load_and_one_resend(
 
 
 async def test_a_script_error_fails_its_own_pair_only(
-    pair: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+    redis_pair: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store, _ = pair
+    store, _ = redis_pair
     items = await enqueued(store, "u-1", "u-2", "u-1")
     broken_id = items[1][0].id
     original = redis_store.thread_args
@@ -159,17 +122,19 @@ async def test_a_script_error_fails_its_own_pair_only(
     assert isinstance(retried, Threaded) and retried.created
 
 
-async def test_thread_message_raises_what_the_batch_would_hold(pair: tuple[RedisStore, RedisStore]) -> None:
-    store, _ = pair
+async def test_thread_message_raises_what_the_batch_would_hold(
+    redis_pair: tuple[RedisStore, RedisStore],
+) -> None:
+    store, _ = redis_pair
     stray = customer("u-9")
     with pytest.raises(NotFound):
-        await store.thread_message(stray, new_conversation(stray))
+        await store.thread_message(stray, fresh_conversation(stray))
 
 
 async def test_enqueue_ack_is_one_round_trip_and_survives_a_flushed_cache(
-    pair: tuple[RedisStore, RedisStore], round_trips: list[int]
+    redis_pair: tuple[RedisStore, RedisStore], round_trips: list[int]
 ) -> None:
-    store, _ = pair
+    store, _ = redis_pair
     [(message, new)] = await enqueued(store, "u-1")
     conversation = (await store.thread_message(message, new)).conversation
     since = BASE - timedelta(hours=1)
@@ -182,8 +147,10 @@ async def test_enqueue_ack_is_one_round_trip_and_survives_a_flushed_cache(
     assert await store.enqueue_ack(ack(conversation), since, 3) is None
 
 
-async def test_daemons_racing_never_let_a_customer_past_the_cap(pair: tuple[RedisStore, RedisStore]) -> None:
-    one, two = pair
+async def test_daemons_racing_never_let_a_customer_past_the_cap(
+    redis_pair: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = redis_pair
     [(message, new)] = await enqueued(one, "u-1")
     conversation = (await one.thread_message(message, new)).conversation
     since = BASE - timedelta(hours=1)

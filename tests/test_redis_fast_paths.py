@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -32,21 +31,8 @@ from router.model import (
 )
 from router.settings import SLAConfig
 from router.store.redis import RedisStore
-from tests.services import RedisServer
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-async def pair(shared_redis: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
-    """Two "processes" on one prefix."""
-    url = shared_redis.url(f"fast-{uuid.uuid4().hex[:12]}")
-    one, two = RedisStore(url), RedisStore(url)
-    await one.open()
-    await two.open()
-    yield one, two
-    await one.close()
-    await two.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 2.0) -> None:
@@ -61,9 +47,9 @@ async def available(store: RedisStore) -> list[str]:
 
 
 async def test_a_roster_change_in_one_process_reaches_the_others_cache(
-    pair: tuple[RedisStore, RedisStore],
+    redis_pair: tuple[RedisStore, RedisStore],
 ) -> None:
-    one, two = pair
+    one, two = redis_pair
     await one.add_agent(Agent(name="ann", teams=["support"], token_hash="h-ann"))
     assert await available(one) == ["ann"]
     await eventually(lambda: _equals(available(two), ["ann"]))
@@ -81,9 +67,9 @@ async def test_a_roster_change_in_one_process_reaches_the_others_cache(
 
 
 async def test_no_roster_is_cached_while_the_notices_cannot_arrive(
-    pair: tuple[RedisStore, RedisStore],
+    redis_pair: tuple[RedisStore, RedisStore],
 ) -> None:
-    one, two = pair
+    one, two = redis_pair
     await one.add_agent(Agent(name="ann", teams=["support"], token_hash="h"))
     await eventually(lambda: _equals(available(two), ["ann"]))
     two._conn._lost()  # as when its subscription drops
@@ -93,19 +79,21 @@ async def test_no_roster_is_cached_while_the_notices_cannot_arrive(
 
 
 async def test_a_change_that_sends_no_notice_is_seen_within_the_maximum_age(
-    pair: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
+    redis_pair: tuple[RedisStore, RedisStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An older daemon, or an edit in redis-cli, changes the roster silently."""
     monkeypatch.setattr("router.store.redis.ROSTER_MAX_AGE_S", 0.2)
-    one, _ = pair
+    one, _ = redis_pair
     await one.add_agent(Agent(name="ann", teams=["support"], token_hash="h"))
     assert await available(one) == ["ann"]
     await _set_presence_without_notice(one, "ann", Presence.AWAY)
     await eventually(lambda: _equals(available(one), []), within_s=1.0)
 
 
-async def test_events_arrive_everywhere_in_the_order_published(pair: tuple[RedisStore, RedisStore]) -> None:
-    one, two = pair
+async def test_events_arrive_everywhere_in_the_order_published(
+    redis_pair: tuple[RedisStore, RedisStore],
+) -> None:
+    one, two = redis_pair
     here, there = one.subscribe(), two.subscribe()
     for n in range(900):  # ~300 KiB: more than one PUBLISH, fewer than a subscriber keeps
         await one.publish(Event("message.created", {"n": n, "text": "x" * (n % 700)}))
@@ -117,9 +105,9 @@ async def test_events_arrive_everywhere_in_the_order_published(pair: tuple[Redis
 
 
 async def test_an_event_from_an_older_daemon_one_object_per_publish_is_understood(
-    pair: tuple[RedisStore, RedisStore],
+    redis_pair: tuple[RedisStore, RedisStore],
 ) -> None:
-    one, _ = pair
+    one, _ = redis_pair
     events = one.subscribe()
     payload = json.dumps({"type": "conversation.updated", "data": {"ref": "T-000001"}})
     await one._conn.redis.publish(one._conn.keys.events, payload)
@@ -128,9 +116,9 @@ async def test_an_event_from_an_older_daemon_one_object_per_publish_is_understoo
 
 
 async def test_joining_moves_the_inbox_entry_only_when_urgency_rises(
-    pair: tuple[RedisStore, RedisStore],
+    redis_pair: tuple[RedisStore, RedisStore],
 ) -> None:
-    store, _ = pair
+    store, _ = redis_pair
     first = await _threaded(store, Urgency.LOW, BASE)
     await _threaded(store, Urgency.LOW, BASE + timedelta(minutes=1))
     await _threaded(store, Urgency.CRITICAL, BASE + timedelta(minutes=2))
