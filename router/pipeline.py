@@ -6,19 +6,11 @@ hands out critical ones first (SPEC 6 promise 4). Workers then take messages
 off the queue; each step is idempotent, so a crash anywhere means the message
 is simply handled again. A message that keeps failing goes to the dead
 letters and never blocks the queue behind it.
-
-The door comes first: while many messages wait to be accepted (a burst), the
-workers hold back for a moment between batches, so the senders get their
-answer fast (webhook senders time out and resend) and the durable queue
-absorbs the burst; the workers catch up once it passes. They never hold back
-for longer than MAX_DEFER_S a batch, so the queue always moves, most urgent
-first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -49,41 +41,11 @@ log = logging.getLogger(__name__)
 CLAIM_BATCH = 16
 VISIBILITY_S = 60.0
 BOUNCE_QUIET = timedelta(hours=24)
-BUSY_DOOR = 8
-"""Messages being accepted at once from which a worker defers to the door:
-a steady few hundred a second keeps one or two in flight, a burst dozens."""
-MAX_DEFER_S = 0.5
 
 
 def _bounce_key(channel: str, recipient_id: str) -> str:
     """The store checkpoint holding when mail to this recipient last bounced."""
     return f"bounced/{channel}/{recipient_id}"
-
-
-class Door:
-    """Counts the messages being accepted, so workers can give way to a burst."""
-
-    def __init__(self, busy_at: int = BUSY_DOOR) -> None:
-        self._busy_at = busy_at
-        self._in = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
-
-    def __enter__(self) -> None:
-        self._in += 1
-        if self._in == self._busy_at:
-            self._quiet.clear()
-
-    def __exit__(self, *_: object) -> None:
-        self._in -= 1
-        if self._in == self._busy_at - 1:
-            self._quiet.set()
-
-    async def quiet(self, max_s: float) -> None:
-        """Return once fewer than `busy_at` are at the door, or after `max_s`."""
-        if not self._quiet.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._quiet.wait(), max_s)
 
 
 class Pipeline:
@@ -101,14 +63,9 @@ class Pipeline:
         self.rules = rules
         self.templates = templates
         self.clock = clock
-        self.door = Door()
 
     async def accept(self, message: Message) -> Accepted:
         """The channels' sink: returns once the message is durably queued."""
-        with self.door:
-            return await self._accept(message)
-
-    async def _accept(self, message: Message) -> Accepted:
         verdict = triage.classify(
             message.text, message.subject, self.rules, auto_generated=message.auto_generated
         )
@@ -124,7 +81,6 @@ class Pipeline:
     async def run(self, consumer: str, stop: asyncio.Event) -> None:
         """One worker: claim, handle, repeat until `stop` is set."""
         while not stop.is_set():
-            await self.door.quiet(MAX_DEFER_S)
             batch = await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s=0.5)
             await self._process(batch)
 

@@ -4,7 +4,6 @@ driven through the pipeline with a fake clock (no sleeping)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,7 +19,7 @@ from router.acks import Templates
 from router.desk import Desk
 from router.model import Agent, DeliveryStatus, Direction, Kind, Message, Party, Presence, Status, new_id
 from router.outbox import Outbox
-from router.pipeline import BUSY_DOOR, MAX_DEFER_S, Pipeline
+from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
 from tests.conftest import Receiver, write_config
 
@@ -265,24 +264,6 @@ async def test_outbox_backs_off_then_delivers_and_permanent_errors_fail(
     await desk.outbox.deliver_due()
     assert (await desk.store.get_message(reply.id)).delivery.status is DeliveryStatus.SENT
     assert [r["id"] for r in receiver.received].count(reply.id) == 2  # same delivery id on retry
-
-
-async def test_workers_give_way_to_a_burst_at_the_door_but_never_stall(desk: Desk_) -> None:
-    """While a burst is being accepted the senders come first; the queue
-    still moves, a batch at least every MAX_DEFER_S."""
-    message = await desk.queue("what is the withdrawal fee?", sender="u-burst")
-    stop = asyncio.Event()
-    with contextlib.ExitStack() as burst:
-        for _ in range(BUSY_DOOR):
-            burst.enter_context(desk.pipeline.door)
-        worker = asyncio.create_task(desk.pipeline.run("w0", stop))
-        await asyncio.sleep(MAX_DEFER_S / 2)
-        assert (await desk.store.get_message(message.id)).conversation_id is None
-        await wait_until(lambda: handled(desk, message), within_s=MAX_DEFER_S + 5)
-    second = await desk.queue("and how long does a deposit take?", sender="u-burst")
-    await wait_until(lambda: handled(desk, second), within_s=5)
-    stop.set()
-    await worker
 
 
 async def test_a_claimed_batch_threads_like_one_message_after_another(desk: Desk_) -> None:
