@@ -19,9 +19,9 @@ from redis.asyncio.connection import AbstractConnection
 
 import router.store.redis as redis_store
 from router.errors import NotFound, StoreError
-from router.model import Conversation, Direction, Kind, Message, Party, Threaded, new_id
+from router.model import Conversation, Kind, Message, Threaded, new_id
 from router.store.redis import RedisStore
-from tests.test_store_contract import fresh_conversation, inbound
+from tests.test_store_contract import fresh_conversation, inbound, outbound
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -45,20 +45,7 @@ def customer(thread: str, at: datetime = BASE) -> Message:
 
 
 def ack(conversation: Conversation, at: datetime = BASE) -> Message:
-    message_id = new_id("m")
-    return Message(
-        id=message_id,
-        channel=conversation.channel,
-        channel_type="webhook",
-        direction=Direction.OUT,
-        kind=Kind.ACK,
-        external_id=message_id,
-        sender=Party(id="router"),
-        text="we got it",
-        received_at=at,
-        conversation_id=conversation.id,
-        recipient=conversation.customer,
-    )
+    return outbound(conversation, kind=Kind.ACK, at=at)
 
 
 async def enqueued(store: RedisStore, *threads: str) -> list[tuple[Message, Conversation]]:
