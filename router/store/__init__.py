@@ -165,7 +165,9 @@ class Store(Protocol):
         due, oldest first; invisible to other consumers for `visibility_s`.
         Like `claim_inbound`, a consumer gets its own unfinished claims back
         at once, so a restarted sender resumes without waiting them out.
-        Rescheduling (`record_delivery` queued) releases the claim."""
+        Rescheduling (`record_delivery` queued) releases the claim. While
+        blocked, `now` moves on with the clock, so a retry that falls due
+        during the wait is handed out."""
 
     async def record_delivery(self, message_id: str, delivery: Delivery) -> Message:
         """Store a delivery outcome; a queued one is retried at
@@ -237,6 +239,17 @@ class Store(Protocol):
 
     async def put_checkpoint(self, key: str, value: str) -> None:
         """Replace the value under `key`; durable when it returns."""
+
+
+UPDATABLE = frozenset({"status", "urgency", "category", "reason", "team", "acked", "first_response_due"})
+"""What `update_conversation` may set: the store keeps counts, refs and the
+first response itself, and the assignee changes only by compare-and-set."""
+
+
+def check_updatable(changes: dict[str, Any]) -> None:
+    """Every store refuses the same fields in `update_conversation`."""
+    if unknown := set(changes) - UPDATABLE:
+        raise ValueError(f"update_conversation cannot set {', '.join(sorted(unknown))}")
 
 
 def open_store(url: str) -> Store:

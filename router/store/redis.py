@@ -36,7 +36,7 @@ from router.model import (
     first_line,
     format_time,
 )
-from router.store import mask_url
+from router.store import check_updatable, mask_url
 from router.store.redis_checkpoints import RedisCheckpoints
 from router.store.redis_codec import (
     agent_json,
@@ -72,9 +72,6 @@ from router.store.redis_lua_records import (
 )
 from router.store.redis_queue import RedisQueues
 
-UPDATABLE = frozenset({"status", "urgency", "category", "reason", "team", "acked", "first_response_due"})
-"""What `update_conversation` may set: the store keeps counts, refs and the
-first response itself, and the assignee changes only by compare-and-set."""
 ROSTER_MAX_AGE_S = 5.0
 """A cached roster is read again after this long even without a notice, so
 a writer that sends none (an older version of this store, an edit by hand
@@ -201,8 +198,7 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         return load_conversation_json(found) if found else None
 
     async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
-        if unknown := set(changes) - UPDATABLE:
-            raise ValueError(f"update_conversation cannot set {', '.join(sorted(unknown))}")
+        check_updatable(changes)
         if not changes:
             current = await self.get_conversation(conversation_id)
             if current is None or current.id != conversation_id:

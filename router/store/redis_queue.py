@@ -258,8 +258,6 @@ class RedisQueues:
         visibility_s: float,
         block_s: float = 0,
     ) -> list[Message]:
-        """While blocked, `now` moves on with the clock, so a retry that falls
-        due during the wait is handed out."""
         if not channels:
             return []
 

@@ -25,7 +25,7 @@ from router.model import (
     Status,
     Threaded,
 )
-from router.store import mask_url
+from router.store import check_updatable, mask_url
 from router.store.fanout import EventHub
 from router.store.sqlite_checkpoints import SQLiteCheckpoints
 from router.store.sqlite_db import (
@@ -52,10 +52,6 @@ from router.store.sqlite_schema import (
     priority,
     recipient_id,
 )
-
-UPDATABLE = frozenset({"status", "urgency", "category", "reason", "team", "acked", "first_response_due"})
-"""What `update_conversation` may set: the store keeps counts, refs and the
-first response itself, and the assignee changes only by compare-and-set."""
 
 
 class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
@@ -106,8 +102,7 @@ class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
         return load_conversation(row[0]) if row else None
 
     async def update_conversation(self, conversation_id: str, **changes: Any) -> Conversation:
-        if unknown := set(changes) - UPDATABLE:
-            raise ValueError(f"update_conversation cannot set {', '.join(sorted(unknown))}")
+        check_updatable(changes)
         return await self._db.write(lambda db: _update_conversation(db, conversation_id, changes))
 
     async def claim_conversation(
