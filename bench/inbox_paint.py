@@ -35,8 +35,6 @@ if __name__ == "__main__":
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import random
@@ -53,6 +51,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from playwright.async_api import Page, async_playwright
+
+from channels.webhook import sign
+from tests.conftest import write_config as desk_config
 
 HOST = "127.0.0.1"
 SECRET = "bench-inbox-secret-0123456789abcdef"
@@ -105,10 +106,6 @@ DEMO_TEXT = (
 )
 
 
-def sign(timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(SECRET.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -148,39 +145,8 @@ async def receiving(receiver: Receiver, port: int) -> AsyncIterator[None]:
 
 
 def write_config(directory: Path, reply_url: str) -> Path:
-    path = directory / "router.toml"
-    path.write_text(
-        f"""
-[store]
-url = "sqlite:///{directory}/router.db"
-
-[[channels]]
-name = "web"
-type = "webhook"
-secret = "{SECRET}"
-reply_url = "{reply_url}"
-
-[[teams]]
-name = "security"
-assignment = "least_open"
-
-[[teams]]
-name = "support"
-assignment = "round_robin"
-
-[[routes]]
-match = {{ category = "security" }}
-team = "security"
-
-[[routes]]
-match = {{}}
-team = "support"
-
-[acks]
-max_per_sender_per_hour = 1000
-"""
-    )
-    return path
+    """The tests' desk, without the per-sender ack cap: the bench's customers write a lot."""
+    return desk_config(directory, reply_url, "[acks]\nmax_per_sender_per_hour = 1000\n", SECRET)
 
 
 def cli(config: Path, *args: str) -> str:
@@ -216,7 +182,7 @@ async def post(http: aiohttp.ClientSession, base: str, payload: dict[str, Any]) 
     headers = {
         "Content-Type": "application/json",
         "X-Router-Timestamp": stamp,
-        "X-Router-Signature": sign(stamp, body),
+        "X-Router-Signature": sign(SECRET, stamp, body),
     }
     async with http.post(f"{base}/channels/web/inbound", data=body, headers=headers) as resp:
         if resp.status not in (200, 202):

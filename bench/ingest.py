@@ -34,8 +34,6 @@ if __name__ == "__main__":
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import math
 import os
@@ -53,6 +51,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+from channels.webhook import sign
+from tests.conftest import write_config as desk_config
 
 HOST = "127.0.0.1"
 CUSTOMERS = 500
@@ -99,11 +100,6 @@ class Req:
     external_id: str
     body: bytes
     headers: dict[str, str]
-
-
-def sign(secret: str, timestamp: str, body: bytes) -> str:
-    digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
-    return "sha256=" + digest.hexdigest()
 
 
 def message_text(rng: random.Random) -> str:
@@ -399,39 +395,8 @@ async def admin_token(server: Server) -> str:
 
 
 def write_config(directory: Path, port: int, secret: str) -> Path:
-    """The teams and routes of tests/conftest.py write_config; pull mode."""
-    path = directory / "router.toml"
-    path.write_text(
-        f"""
-[server]
-listen = "{HOST}:{port}"
-
-[store]
-url = "sqlite:///{directory}/router.db"
-
-[[channels]]
-name = "web"
-type = "webhook"
-secret = "{secret}"
-
-[[teams]]
-name = "security"
-assignment = "least_open"
-
-[[teams]]
-name = "support"
-assignment = "round_robin"
-
-[[routes]]
-match = {{ category = "security" }}
-team = "security"
-
-[[routes]]
-match = {{}}
-team = "support"
-"""
-    )
-    return path
+    """The tests' desk (tests/conftest.py), in pull mode, on `port`."""
+    return desk_config(directory, None, f'[server]\nlisten = "{HOST}:{port}"\n', secret)
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
