@@ -50,7 +50,10 @@ class Desk:
             raise ValueError(f"text: longer than {MAX_REPLY_CHARS} characters")
         conversation = await self.conversation(id_or_ref)
         history = await self.store.conversation_messages(conversation.id)
-        customer = [m for m in history if m.direction is Direction.IN]
+        # Threaded under the customer's own latest words: an out-of-office
+        # reply to our ack came later, but nobody is answering the robot.
+        inbound = [m for m in history if m.direction is Direction.IN]
+        customer = [m for m in inbound if not m.auto_generated] or inbound
         message_id = new_id("m")
         reply = Message(
             id=message_id,

@@ -294,3 +294,12 @@ async def wait_until(check: Callable[[], Awaitable[bool]], within_s: float) -> N
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "not handled in time"
         await asyncio.sleep(0.02)
+
+
+async def test_agent_reply_answers_the_customer_not_their_auto_reply(desk: Desk_) -> None:
+    question = await desk.receive("my deposit is missing")
+    await desk.receive("I am out of office until Monday", auto_generated=True)
+    [conversation] = await conversations(desk)
+    agent = (await add_agents(desk.store, "ann"))["ann"]
+    reply = await desk.desk.reply(conversation.ref, agent, "We found it, it is credited now.")
+    assert reply.in_reply_to == question.external_id
