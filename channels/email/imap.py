@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aioimaplib
 from aioimaplib.aioimaplib import STOP_WAIT_SERVER_PUSH, Command, FetchCommand, Response
 
+from channels.email import folder_names
 from router.errors import PermanentFailure, TemporaryFailure
 
 if TYPE_CHECKING:
@@ -83,8 +84,11 @@ class _Fetch(FetchCommand):
             self._timeout_callback()
 
 
-def quote(name: str) -> str:
-    """A mailbox name as an IMAP quoted string (names may hold spaces)."""
+def wire_name(folder: str) -> str:
+    """A folder name as it goes on the wire: modified UTF-7 (IMAP names are
+    7-bit), then an IMAP quoted string (names may hold spaces). Settings,
+    logs and errors keep the name as configured."""
+    name = folder_names.encode(folder)
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -153,7 +157,7 @@ class ImapSession:
     async def _check_folder(self, folder: str) -> None:
         """A `move_to` folder that is not there is a config mistake: said at
         start and by `channels test`, rather than by every batch."""
-        status = self.client_or_fail().status(quote(folder), "(MESSAGES)")
+        status = self.client_or_fail().status(wire_name(folder), "(MESSAGES)")
         answer = await self._command(status, "STATUS", no_is_an_answer=True)
         if answer.result != "OK":
             raise PermanentFailure(
@@ -193,7 +197,7 @@ class ImapSession:
         await self._call(protocol.capability())
 
     async def select(self) -> None:
-        select = self.client_or_fail().select(quote(self.settings.folder))
+        select = self.client_or_fail().select(wire_name(self.settings.folder))
         answer = await self._command(select, "SELECT", no_is_an_answer=True)
         if answer.result != "OK":
             raise PermanentFailure(
@@ -246,9 +250,9 @@ class ImapSession:
     async def move(self, uids: list[int], folder: str) -> None:
         client, where = self.client_or_fail(), uid_set(uids)
         if self.can_move:
-            await self._command(client.uid("move", where, quote(folder)), "MOVE")
+            await self._command(client.uid("move", where, wire_name(folder)), "MOVE")
             return
-        await self._command(client.uid("copy", where, quote(folder)), "COPY")
+        await self._command(client.uid("copy", where, wire_name(folder)), "COPY")
         await self._command(client.uid("store", where, "+FLAGS.SILENT", r"(\Deleted)"), "STORE")
         if client.has_capability("UIDPLUS"):
             await self._command(client.uid("expunge", where), "EXPUNGE")
