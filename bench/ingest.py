@@ -194,6 +194,11 @@ class Load:
     def rate(self) -> float:
         return len(self.latencies) / self.elapsed if self.elapsed else 0.0
 
+    def server_cpu_per_answer(self) -> float:
+        """Server CPU seconds per answer: unlike the rate, it does not
+        depend on how much of the machine the generator left over."""
+        return self.cores.server * self.elapsed / len(self.latencies) if self.latencies else float("nan")
+
 
 async def post_one(
     http: aiohttp.ClientSession, url: str, req: Req, load: Load, started: dict[str, float] | None = None
@@ -490,7 +495,7 @@ def describe(load: Load) -> str:
     )
     if load.cut_short:
         answers += "; CUT SHORT at the time cap"
-    cpu = f"CPU meanwhile: {load.cores}"
+    cpu = f"CPU meanwhile: {load.cores}; server CPU per answer {load.server_cpu_per_answer() * 1e6:.0f} µs"
     if load.cores.client > GENERATOR_SATURATED:
         cpu += " (generator saturated: the server could do more)"
     return f"{answers}\n  {cpu}"
@@ -582,6 +587,8 @@ async def router_throughput(run: RouterRun, args: argparse.Namespace, secret: st
     print(f"  {describe(load)}")
     ratio = load.rate() / bare.rate() if bare.rate() else float("nan")
     print(f"  ratio ours/bare: {ratio:.2f} (goal >= 0.5)")
+    cost = bare.server_cpu_per_answer() / load.server_cpu_per_answer()
+    print(f"  server CPU per answer, bare/ours: {cost:.2f} (the same ratio, free of the generator's share)")
     if drained is None:
         print(f"  pipeline NOT drained {DRAIN_TIMEOUT_S:.0f} s after the last 202")
     else:
