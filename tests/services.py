@@ -39,6 +39,7 @@ import pytest
 from router.store.redis import RedisStore
 
 READY_S = 20.0
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
 
 
 def free_port() -> int:
@@ -48,7 +49,9 @@ def free_port() -> int:
 
 
 def binary(name: str, package: str) -> str:
-    found = shutil.which(name)
+    """Looks in sbin too: Debian installs daemons there (/usr/sbin/dovecot)
+    and leaves it out of an unprivileged user's PATH."""
+    found = shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
     if found is None:
         pytest.fail(f"{name} is not installed: apt-get install {package} (the Debian package {package})")
     return found
@@ -233,7 +236,13 @@ class Dovecot:
             user, group = "nobody", grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
             os.chown(self.root / "mail", pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
         else:
-            user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+            try:
+                user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+            except KeyError:  # a container started with --user 4242, say
+                pytest.fail(
+                    f"uid {os.getuid()} or gid {os.getgid()} has no name in /etc/passwd or /etc/group: "
+                    "Dovecot only runs as a named user (default_internal_user)"
+                )
         subprocess.run(
             [binary("openssl", "openssl"), "req", "-x509", "-nodes", "-days", "2",
              "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
