@@ -24,6 +24,7 @@ import nh3
 from channels.email import loops
 from channels.email.quoting import split_quoted
 from channels.email.text import decode_bytes, decode_words, html_to_text, unescape_raw
+from channels.email.uuencode import split_uuencoded
 from router.model import Attachment, Direction, Kind, Message, Party, new_id, utcnow
 
 MAX_TEXT_CHARS = 100_000
@@ -156,7 +157,8 @@ def _first_headers(msg: EmailMessage) -> dict[str, str]:
 
 def _walk(part: EmailMessage, body: _Body) -> None:
     """Text and HTML bodies in reading order; every other leaf, and any
-    attached message, is an attachment (listed, content left out)."""
+    attached message, is an attachment (listed, content left out), and so
+    is a file uuencoded into a text/plain body."""
     kind = part.get_content_type()
     if kind.startswith("multipart/") and isinstance(part.get_payload(), list):
         for child in _children(part):
@@ -171,6 +173,9 @@ def _walk(part: EmailMessage, body: _Body) -> None:
     filename = _filename(part)
     if kind in ("text/plain", "text/html") and disposition != "attachment" and not filename:
         text = decode_bytes(_payload(part), _safe(part.get_content_charset))
+        if kind == "text/plain":
+            text, files = split_uuencoded(text)
+            body.attachments.extend(files)
         (body.plain if kind == "text/plain" else body.html).append(text)
         return
     body.attachments.append(Attachment(filename, kind, _size(part)))
