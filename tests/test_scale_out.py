@@ -202,13 +202,8 @@ async def inbox_messages(desk: Desk) -> dict[str, list[str]]:
         gate = asyncio.Semaphore(8)
 
         async def messages(ref: str) -> list[str]:
-            # 503 says "try again": seen once in a while just after a Redis restart.
-            for attempt in range(5):
-                async with gate, http.get(f"{base}/conversations/{ref}") as resp:
-                    body = await resp.json()
-                if resp.status != 503:
-                    break
-                await asyncio.sleep(0.2 * (attempt + 1))
+            async with gate, http.get(f"{base}/conversations/{ref}") as resp:
+                body = await resp.json()
             assert resp.status == 200, f"GET {ref}: HTTP {resp.status} {body}"
             return [m["external_id"] for m in body["messages"] if m["direction"] == "in"]
 

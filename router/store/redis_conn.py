@@ -28,12 +28,12 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from router.errors import StoreError
 from router.model import Event
@@ -78,6 +78,8 @@ class Connection:
             decode_responses=True,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=COMMAND_TIMEOUT_S,
+            # redis.asyncio's Retry: the synchronous one returns the coroutine
+            # unawaited, so its errors escape and nothing is ever retried.
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=15,
