@@ -8,27 +8,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from router.model import Direction, InboxQuery, Kind, Message, Party, new_id, utcnow
+from router.model import InboxQuery
 from router.store.redis import RedisStore
 from tests.services import RedisServer
+from tests.test_store_contract import inbound
 
 CALLS = 48
 """More at once than a warm pool holds idle, so every one of those is used."""
-
-
-def customer_message(number: int) -> Message:
-    return Message(
-        id=new_id("m"),
-        channel="web",
-        channel_type="webhook",
-        direction=Direction.IN,
-        kind=Kind.CUSTOMER,
-        external_id=f"x-{number}",
-        sender=Party(id=f"cust-{number}"),
-        text="what is the withdrawal fee?",
-        received_at=utcnow(),
-        thread_key=f"cust-{number}",
-    )
 
 
 async def mixed_calls(store: RedisStore, first: int) -> list[Any]:
@@ -40,7 +26,7 @@ async def mixed_calls(store: RedisStore, first: int) -> list[Any]:
         elif i % 3 == 1:
             calls.append(store.inbound_backlog())
         else:
-            calls.append(store.enqueue_inbound(customer_message(first + i)))
+            calls.append(store.enqueue_inbound(inbound(f"x-{first + i}", thread=f"cust-{i}")))
     return await asyncio.gather(*calls, return_exceptions=True)
 
 
