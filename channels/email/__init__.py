@@ -1,10 +1,12 @@
 """The email channel: IMAP in (IDLE or polling), SMTP out (SPEC 3).
 
 `mailbox` reads the folder into the sink, `parse` turns each mail into a
-Message (with `quoting`, `text` and `loops`), `smtp` sends acks and agent
-replies. This module holds the settings and the adapter that ties them to
-the channel seam. Each mailbox is its own channel with its own poll loop,
-so several are read concurrently and one failing leaves the others alone.
+Message (with `quoting`, `text` and `loops`) in the worker processes of
+`parse_pool`, `smtp` sends acks and agent replies. This module holds the
+settings and the adapter that ties them to the channel seam. Each mailbox
+is its own channel with its own poll loop, so several are read
+concurrently and one failing leaves the others alone; they share one
+parse pool.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from channels.base import Channel, ChannelSettings
-from channels.email import mailbox, smtp
+from channels.base import Channel, ChannelSettings, Sink
+from channels.email import mailbox, parse_pool, smtp
 from channels.email.mailbox import Mailbox
 from channels.email.parse import Identity
 from router import logs
@@ -123,11 +125,23 @@ class EmailChannel(Channel):
         # (several share a Redis store) stamps and recognises the same value.
         loop_id = hashlib.sha256(f"support-router:{address}".encode()).hexdigest()[:24]
         self.identity = Identity(name, address.rpartition("@")[2], loop_id)
+        self._pool: parse_pool.ParsePool | None = None
+
+    async def open(self, sink: Sink) -> None:
+        await super().open(sink)
+        if self._pool is None:
+            self._pool = parse_pool.shared()
 
     async def poll(self, stop: asyncio.Event) -> None:
         if self.store is None:
             raise RuntimeError(f"channel {self.name}: no store bound for its UID checkpoint")
-        await Mailbox(self.settings.imap, self.identity, self.sink, self.store).run(stop)
+        await Mailbox(self.settings.imap, self.identity, self.sink, self.store, pool=self._pool).run(stop)
+
+    async def close(self) -> None:
+        """Lets go of the parse pool; the last email channel stops its workers."""
+        if self._pool is not None:
+            self._pool = None
+            await parse_pool.release()
 
     async def send(self, message: Message, conversation: Conversation) -> str:
         mail = smtp.build(message, conversation, self.settings.from_address, self.identity)

@@ -16,14 +16,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from channels.base import ChannelStore, Sink
 from channels.email.imap import Fetched, ImapSession
 from channels.email.parse import Identity, parse_email
+from channels.email.parse_pool import Parse, Parsed, ParsePool, parse_batch
 from router.errors import TemporaryFailure
-from router.model import Message
 
 if TYPE_CHECKING:
     from channels.email import ImapSettings
@@ -43,13 +42,17 @@ class Mailbox:
         identity: Identity,
         sink: Sink,
         store: ChannelStore,
-        parse: Callable[[bytes, Identity, int | None], Message] = parse_email,
+        parse: Parse = parse_email,
+        pool: ParsePool | None = None,
     ) -> None:
+        """With a `pool`, mail is parsed in its worker processes (`parse`
+        must then be a module-level function); without, on the event loop."""
         self.settings = settings
         self.identity = identity
         self.sink = sink
         self.store = store
         self.parse = parse
+        self.pool = pool
         self.key = f"imap/{identity.channel}/{settings.username}@{settings.host}/{settings.folder}"
         self._refusals: dict[tuple[int, int], int] = {}
         self._failures = 0
@@ -60,6 +63,8 @@ class Mailbox:
         """Until `stop`: reconnect with backoff after connection trouble. A
         refused login or a missing folder raises, for the daemon to log and
         retry slowly, so a wrong password is never a tight loop."""
+        if self.pool is not None:
+            self.pool.start()
         while not stop.is_set():
             session = ImapSession(self.settings)
             try:
@@ -109,7 +114,8 @@ class Mailbox:
 
     async def _backfill(self, session: ImapSession, last_uid: int, stop: asyncio.Event) -> int:
         """Everything above `last_uid`, in UID order and batches; returns the
-        new checkpoint. The next batch is fetched while this one is queued."""
+        new checkpoint. The next batch is fetched and parsed while this one
+        is queued: with a pool, the worker parses while the event loop queues."""
         uids = await session.uids_after(last_uid)
         if uids:
             log.debug("channel %s: %d new messages above UID %d", self.identity.channel, len(uids), last_uid)
@@ -136,13 +142,22 @@ class Mailbox:
                     await upcoming
         return last_uid
 
-    async def _fetch(self, session: ImapSession, batch: list[int]) -> list[Fetched]:
-        return await session.fetch(batch, self.settings.max_message_bytes)
+    async def _fetch(self, session: ImapSession, batch: list[int]) -> list[tuple[Fetched, Parsed]]:
+        """One batch, each mail with its Message or why it does not parse."""
+        max_bytes = self.settings.max_message_bytes
+        fetched = await session.fetch(batch, max_bytes)
+        mails = [(item.raw, max_bytes if item.size > max_bytes else None) for item in fetched]
+        if self.pool is None:
+            parsed = parse_batch(self.parse, self.identity, mails)
+        else:
+            parsed = await self.pool.parse(self.parse, self.identity, mails)
+        return list(zip(fetched, parsed, strict=True))
 
-    async def _take(self, session: ImapSession, fetched: list[Fetched]) -> None:
-        """Queue a fetched batch (parsing each), then flag or move it."""
-        results = await asyncio.gather(*(self._take_one(session.uidvalidity, item) for item in fetched))
-        done = [item.uid for item, ok in zip(fetched, results, strict=True) if ok]
+    async def _take(self, session: ImapSession, fetched: list[tuple[Fetched, Parsed]]) -> None:
+        """Queue a parsed batch, then flag or move it."""
+        uidvalidity = session.uidvalidity
+        results = await asyncio.gather(*(self._take_one(uidvalidity, *each) for each in fetched))
+        done = [item.uid for (item, _), ok in zip(fetched, results, strict=True) if ok]
         if len(done) < len(fetched):
             raise TemporaryFailure("the store did not take every message; trying again")
         if done and self.settings.mark_seen:
@@ -150,17 +165,12 @@ class Mailbox:
         if done and self.settings.move_to:
             await session.move(done, self.settings.move_to)
 
-    async def _take_one(self, uidvalidity: int, item: Fetched) -> bool:
+    async def _take_one(self, uidvalidity: int, item: Fetched, message: Parsed) -> bool:
         """True once the message is durably queued or dead-lettered."""
-        max_bytes = self.settings.max_message_bytes
-        truncated = max_bytes if item.size > max_bytes else None
-        try:
-            message = self.parse(item.raw, self.identity, truncated)
-        except Exception as exc:
-            log.warning(
-                "channel %s: UID %d does not parse (%s); dead-lettered", self.identity.channel, item.uid, exc
-            )
-            await self._dead_letter(item, f"unparseable email (UID {item.uid}): {type(exc).__name__}: {exc}")
+        if isinstance(message, str):
+            channel = self.identity.channel
+            log.warning("channel %s: UID %d does not parse (%s); dead-lettered", channel, item.uid, message)
+            await self._dead_letter(item, f"unparseable email (UID {item.uid}): {message}")
             return True
         try:
             await self.sink(message)
