@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError, ResponseError
 
 from router.errors import NotFound, StoreError
 from router.model import (
@@ -101,9 +101,14 @@ class RedisQueues:
         Redis forgets its scripts when it restarts: then the calls answered
         NOSCRIPT, which did not run, are sent once more, in order, after the
         script is loaded. Only those: a call that ran keeps its reply, and
-        running it again would answer differently (a repeat)."""
-        replies: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
+        running it again would answer differently (a repeat).
+
+        A call whose arguments cannot be encoded for Redis (text that is no
+        UTF-8: a lone surrogate) is never sent and gets that error in its
+        place: redis-py encodes the whole pipeline before sending any of it,
+        so one such call would fail every other call with it."""
+        replies: list[Any] = [self._encoding_error(call) for call in calls]
+        todo = [index for index, reply in enumerate(replies) if reply is None]
         with translate(self._conn.display_url):
             for attempt in range(2):
                 pipe = self._conn.pipeline()
@@ -121,6 +126,16 @@ class RedisQueues:
             else reply
             for reply in replies
         ]
+
+    def _encoding_error(self, call: list[Any]) -> Exception | None:
+        """What redis-py raises when it encodes `call`'s arguments, or None."""
+        encode = self._conn.redis.get_encoder().encode
+        try:
+            for arg in call:
+                encode(arg)
+        except (UnicodeError, DataError) as exc:
+            return exc
+        return None
 
     async def _create_groups(self) -> None:
         """Idempotent; also run when Redis lost its data (a restart without
