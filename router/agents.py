@@ -41,6 +41,6 @@ async def rotate(store: Store, name: str) -> str:
 
 
 async def authenticate(store: Store, token: str) -> Agent | None:
-    if not token.startswith(TOKEN_PREFIX):
+    if not token.startswith(TOKEN_PREFIX) or not token.isascii():  # ours always are
         return None
     return await store.agent_by_token(hash_token(token))

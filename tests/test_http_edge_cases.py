@@ -44,3 +44,39 @@ async def test_malformed_signature_headers_are_401_not_500(start_daemon, timesta
     status, answer = await raw_exchange(router, request)
     assert status == 401, answer
     assert json.loads(answer)["error"]["code"] in ("bad_signature", "stale_timestamp")
+
+
+@pytest.mark.parametrize(
+    "credential",
+    [
+        pytest.param("Cookie: router_session=e30.\u00e9".encode(), id="non-ascii-cookie-mac"),
+        pytest.param(b"Cookie: router_session=\xff.abc", id="non-utf8-cookie"),
+        pytest.param(b"Authorization: Bearer srt_\xff", id="non-utf8-token"),
+        pytest.param(b"Authorization: Bearer srt_\xed\xa0\x80", id="surrogate-token"),
+    ],
+)
+async def test_garbled_credentials_are_401_not_500(start_daemon, credential: bytes) -> None:
+    router = await start_daemon()
+    request = (
+        b"GET /api/v1/conversations HTTP/1.1\r\nHost: x\r\n" + credential + b"\r\nConnection: close\r\n\r\n"
+    )
+    status, answer = await raw_exchange(router, request)
+    assert status == 401, answer
+    async with router.http.post(f"{router.base}/session", json={"token": "srt_\ud800"}) as resp:
+        assert resp.status == 401, await resp.text()
+
+
+async def test_non_ascii_csrf_header_is_403_not_500(start_daemon) -> None:
+    router = await start_daemon()
+
+    async with router.http.post(f"{router.base}/session", json={"token": router.token}) as resp:
+        assert resp.status == 200
+        cookie = resp.cookies["router_session"].value
+    request = (
+        "POST /api/v1/conversations/T-000001/status HTTP/1.1\r\nHost: x\r\n"
+        f"Cookie: router_session={cookie}\r\nX-CSRF-Token: \u00e9\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    ).encode()
+    status, answer = await raw_exchange(router, request)
+    assert status == 403, answer
+    assert json.loads(answer)["error"]["code"] == "csrf_failed"

@@ -60,6 +60,8 @@ class Sessions:
         return f"{payload}.{self._mac('session', payload)}"
 
     def read(self, cookie: str, now: float) -> Claims | None:
+        if not cookie.isascii():  # ours always is; compare_digest refuses anything else
+            return None
         payload, _, mac = cookie.partition(".")
         if not hmac.compare_digest(self._mac("session", payload), mac):
             return None
@@ -105,9 +107,8 @@ async def session_agent(request: web.Request) -> Agent | None:
     agent = await request.app[SERVICES].store.agent_by_token(claims.token_hash)
     if agent is None or agent.name != claims.agent:
         return None
-    if request.method not in SAFE_METHODS and not hmac.compare_digest(
-        request.headers.get(CSRF_HEADER, ""), sessions.csrf(cookie)
-    ):
+    sent = request.headers.get(CSRF_HEADER, "").encode("utf-8", "surrogateescape")
+    if request.method not in SAFE_METHODS and not hmac.compare_digest(sent, sessions.csrf(cookie).encode()):
         raise BadInbound(403, "csrf_failed", f"requests made with the session cookie need {CSRF_HEADER}")
     return agent
 
