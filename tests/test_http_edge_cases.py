@@ -80,3 +80,35 @@ async def test_non_ascii_csrf_header_is_403_not_500(start_daemon) -> None:
     status, answer = await raw_exchange(router, request)
     assert status == 403, answer
     assert json.loads(answer)["error"]["code"] == "csrf_failed"
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        pytest.param("limit=" + "9" * 5000, 200, id="huge-limit-is-clamped"),
+        pytest.param("limit=%C2%B2", 400, id="superscript-limit"),
+    ],
+)
+async def test_odd_inbox_limits_are_clamped_or_400_not_500(start_daemon, query: str, status: int) -> None:
+    router = await start_daemon()
+    got, answer = await router.api("GET", f"/api/v1/conversations?{query}")
+    assert got == status, answer
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        pytest.param("limit=" + "9" * 5000, 200, id="huge-limit-is-clamped"),
+        pytest.param("limit=%C2%B2", 400, id="superscript-limit"),
+        pytest.param("after=%C2%B2", 400, id="superscript-cursor"),
+        pytest.param("after=" + "9" * 5000, 400, id="huge-cursor"),
+        pytest.param("after=" + "9" * 20, 400, id="cursor-beyond-64-bits"),
+    ],
+)
+async def test_odd_pull_queries_are_clamped_or_400_not_500(start_daemon, query: str, status: int) -> None:
+    from tests.conftest import signed_headers
+
+    router = await start_daemon()
+    target = f"/channels/web/outbound?{query}"
+    async with router.http.get(router.base + target, headers=signed_headers(target.encode())) as resp:
+        assert resp.status == status, await resp.text()

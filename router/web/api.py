@@ -15,7 +15,7 @@ from router import agents
 from router.errors import BadInbound
 from router.model import Agent, Event, InboxQuery, Message, Presence, Role, Status, Urgency
 from router.web import inbox
-from router.web.app import SERVICES
+from router.web.app import SERVICES, whole_number
 
 routes = web.RouteTableDef()
 MAX_LIMIT = 500
@@ -98,8 +98,8 @@ async def list_conversations(request: web.Request) -> web.Response:
     query = request.query
     status_raw = query.get("status", "open")
     status = None if status_raw == "all" else _enum(Status, status_raw, "status")
-    limit_raw = query.get("limit", "50")
-    if not limit_raw.isdigit() or int(limit_raw) < 1:
+    limit = whole_number(query.get("limit", "50"), MAX_LIMIT)
+    if limit is None or limit < 1:
         raise BadInbound(400, "invalid_query", "limit: must be a positive number")
     assignee = query.get("assignee")
     inbox = InboxQuery(
@@ -107,7 +107,7 @@ async def list_conversations(request: web.Request) -> web.Response:
         team=query.get("team") or None,
         assignee=agent.name if assignee == "me" else (None if assignee in (None, "", "none") else assignee),
         unassigned=assignee == "none",
-        limit=min(int(limit_raw), MAX_LIMIT),
+        limit=min(limit, MAX_LIMIT),
         cursor=query.get("cursor") or None,
     )
     try:

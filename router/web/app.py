@@ -37,6 +37,16 @@ class Services:
 SERVICES = web.AppKey("services", Services)
 
 
+def whole_number(raw: str, cap: int) -> int | None:
+    """A query's ASCII digits as a number, anything above `cap` as `cap + 1`;
+    None when it is no such number. `isdigit()` alone passes "²" and 5,000
+    nines, and int() refuses both."""
+    if not (raw.isascii() and raw.isdigit()):
+        return None
+    digits = raw.lstrip("0")
+    return min(int(digits or "0"), cap + 1) if len(digits) <= len(str(cap)) else cap + 1
+
+
 def error(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 

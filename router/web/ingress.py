@@ -8,10 +8,11 @@ from channels.telegram import TelegramChannel
 from channels.webhook import WebhookChannel
 from router import metrics
 from router.errors import BadInbound
-from router.web.app import MAX_BODY, SERVICES
+from router.web.app import MAX_BODY, SERVICES, whole_number
 
 routes = web.RouteTableDef()
 MAX_PULL = 500
+MAX_CURSOR = 2**63 - 1  # the stores' sequence numbers are 64-bit
 
 
 def _webhook(request: web.Request) -> WebhookChannel:
@@ -48,11 +49,11 @@ async def outbound(request: web.Request) -> web.Response:
     if not channel.pulls_outbound:
         raise BadInbound(409, "push_mode", "this channel pushes to its reply_url; nothing to pull")
     channel.verify(request.raw_path.encode(), request.headers)
-    after_raw = request.query.get("after", "")
-    limit_raw = request.query.get("limit", "100")
-    if not (after_raw == "" or after_raw.isdigit()) or not limit_raw.isdigit():
+    after = whole_number(request.query.get("after", "") or "0", MAX_CURSOR)
+    limit = whole_number(request.query.get("limit", "100"), MAX_PULL)
+    if after is None or after > MAX_CURSOR or limit is None:
         raise BadInbound(400, "invalid_query", "after must be a cursor from `next`, limit a number")
-    after, limit = int(after_raw or 0), max(1, min(int(limit_raw), MAX_PULL))
+    limit = max(1, min(limit, MAX_PULL))
     store = request.app[SERVICES].store
     if after:
         await store.mark_pulled(channel.name, after)
