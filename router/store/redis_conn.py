@@ -10,8 +10,8 @@ The listener holds the only subscription of this process: events go to the
 local EventHub (and from there to every SSE stream), wake-ups fire the
 local Signals that blocked claims wait on, and `agents` notices bump
 `roster_version`, which invalidates the store's cached agent roster. When
-Redis goes away it reconnects with backoff and, once back, wakes every
-claim to look again.
+Redis goes away, or stops answering its pings, it reconnects with backoff
+and, once back, wakes every claim to look again.
 
 Events leave as one PUBLISH per batch (a JSON array): a worker publishes
 two or three events per message, and one command per event cost the
@@ -48,6 +48,11 @@ CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 10.0
 PING_TIMEOUT_S = 2.0
 LISTEN_BACKOFF_MAX_S = 5.0
+LISTEN_PING_S = 5.0
+"""A subscription quiet this long is pinged; without an answer within
+PING_TIMEOUT_S it is dead (a network stall raises no error: the socket stays
+open and reads just time out) and the listener subscribes again. redis-py's
+own health check PINGs too, but never notices when no answer comes."""
 PUBLISH_BATCH = 500
 """Events per PUBLISH at most."""
 PUBLISH_BYTES = 256 * 1024
@@ -182,7 +187,10 @@ class Connection:
         """Forever: subscribe, dispatch, and after any failure start again."""
         delay = 0.1
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            # Every reply counts as a sign of life, the pong too: redis-py
+            # mangles a RESP3 pong into a message of some other type, or
+            # drops it with ignore_subscribe_messages.
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.events, self.keys.wake)
                 self.listening = True
@@ -192,10 +200,20 @@ class Connection:
                 # Whatever was queued while we were away raised no wake-up.
                 self.inbound.fire()
                 self.outbound.fire()
+                loop = asyncio.get_running_loop()
+                heard = pinged = loop.time()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
+                    now = loop.time()
                     if message is not None:
-                        self._dispatch(message["channel"], message["data"])
+                        heard = now
+                        if message["type"] == "message":
+                            self._dispatch(message["channel"], message["data"])
+                    elif now - heard > LISTEN_PING_S + PING_TIMEOUT_S:
+                        raise RedisTimeoutError(f"no answer to a ping within {PING_TIMEOUT_S:g} s")
+                    elif now - max(heard, pinged) >= LISTEN_PING_S:
+                        await pubsub.ping()
+                        pinged = now
             except (RedisError, OSError) as exc:
                 log.warning("redis subscription lost (%s); retrying in %.1f s", exc, delay)
             finally:
