@@ -148,7 +148,11 @@ class WebhookChannel(Channel):
         body = json.dumps(self.payload(message, conversation)).encode()
         headers = {"Content-Type": "application/json", **self.signed_headers(body)}
         try:
-            async with self._session().post(str(self.settings.reply_url), data=body, headers=headers) as resp:
+            # Not followed: aiohttp re-sends a POST answered 301/302/303 as a
+            # bodiless GET, whose 2xx would count as delivered.
+            async with self._session().post(
+                str(self.settings.reply_url), data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 status, retry_after = resp.status, resp.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TemporaryFailure(f"reply_url unreachable: {type(exc).__name__}") from None
@@ -157,6 +161,8 @@ class WebhookChannel(Channel):
         if status >= 500 or status in RETRYABLE_STATUS:
             delay = float(retry_after) if retry_after and retry_after.isdigit() else None
             raise TemporaryFailure(f"reply_url answered HTTP {status}", delay)
+        if 300 <= status < 400:
+            raise PermanentFailure(f"reply_url answered HTTP {status} (redirects are not followed)")
         raise PermanentFailure(f"reply_url answered HTTP {status}")
 
     async def check(self) -> str:

@@ -112,3 +112,39 @@ async def test_odd_pull_queries_are_clamped_or_400_not_500(start_daemon, query: 
     target = f"/channels/web/outbound?{query}"
     async with router.http.get(router.base + target, headers=signed_headers(target.encode())) as resp:
         assert resp.status == status, await resp.text()
+
+
+async def test_redirecting_reply_url_is_not_taken_for_a_delivery(start_daemon, receiver) -> None:
+    """A POST answered 302 was followed as a GET, without the body: the ack
+    was marked sent though the customer's app never got it."""
+    from aiohttp import web
+
+    from tests.conftest import free_socket
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(receiver.url)
+
+    app = web.Application()
+    app.router.add_post("/old-replies", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = free_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        router = await start_daemon(reply_url=f"http://127.0.0.1:{sock.getsockname()[1]}/old-replies")
+        await router.post_message(OK)
+        await router.settle()
+        _, inbox = await router.api("GET", "/api/v1/conversations")
+        ref = inbox["conversations"][0]["ref"]
+        delivery: dict = {}
+        for _ in range(100):
+            _, conversation = await router.api("GET", f"/api/v1/conversations/{ref}")
+            delivery = next(m for m in conversation["messages"] if m["kind"] == "ack")["delivery"]
+            if delivery["status"] != "queued":
+                break
+            await asyncio.sleep(0.05)
+        assert receiver.received == []
+        assert delivery["status"] == "failed", delivery
+        assert "302" in delivery["error"]
+    finally:
+        await runner.cleanup()
