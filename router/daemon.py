@@ -28,7 +28,7 @@ from router import agents, leases, pollers, triage
 from router.acks import Templates
 from router.config import Config
 from router.desk import Desk
-from router.errors import StoreError
+from router.errors import Conflict, StoreError
 from router.model import Role
 from router.outbox import Outbox
 from router.pipeline import Pipeline
@@ -65,10 +65,15 @@ def build_channels(config: Config, say: Callable[[str], None] = print) -> dict[s
 
 
 async def ensure_admin(store: Store, config: Config, say: Callable[[str], None] = print) -> None:
-    """A first start with no agents creates `admin` and shows its token once."""
+    """A first start with no agents creates `admin` and shows its token once.
+    Daemons sharing a store may start together: the one that loses the race
+    to create it starts all the same (the winner has shown the token)."""
     if await store.list_agents():
         return
-    token = await agents.create(store, "admin", [t.name for t in config.settings.teams], Role.ADMIN)
+    try:
+        token = await agents.create(store, "admin", [t.name for t in config.settings.teams], Role.ADMIN)
+    except Conflict:
+        return
     say(f"admin agent created; its API token (shown once): {token}")
 
 
