@@ -148,3 +148,33 @@ async def test_redirecting_reply_url_is_not_taken_for_a_delivery(start_daemon, r
         assert "302" in delivery["error"]
     finally:
         await runner.cleanup()
+
+
+async def test_event_stream_ends_for_a_rotated_token_even_on_a_busy_desk(start_daemon, monkeypatch) -> None:
+    """The token was checked again only after a quiet heartbeat interval, so
+    while events kept coming a rotated or removed agent kept reading them."""
+    from router import agents
+    from router.model import Event
+    from router.web import api
+
+    monkeypatch.setattr(api, "HEARTBEAT_S", 0.3)
+    router = await start_daemon()
+    store = router.daemon.store
+    token = await agents.create(store, "bob", ["support"])
+    headers = {"Authorization": f"Bearer {token}"}
+    async with router.http.get(f"{router.base}/api/v1/events", headers=headers) as stream:
+        assert stream.status == 200
+
+        async def read_to_end() -> None:
+            async for _ in stream.content:
+                pass
+
+        reading = asyncio.create_task(read_to_end())
+        await agents.rotate(store, "bob")
+        try:
+            async with asyncio.timeout(3):
+                while not reading.done():
+                    await store.publish(Event("conversation.updated", {"id": "c_busy"}))
+                    await asyncio.sleep(0.05)
+        finally:
+            reading.cancel()

@@ -225,6 +225,8 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     pumping = asyncio.create_task(pump())
     stopping = asyncio.create_task(services.stopping.wait())
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while not services.stopping.is_set():
             getting = asyncio.create_task(queue.get())
@@ -235,8 +237,14 @@ async def events(request: web.Request) -> web.StreamResponse:
                 getting.cancel()
                 if await authenticate(request) is None:
                     break
+                checked = loop.time()
                 await response.write(b": keep-alive\n\n")
                 continue
+            # Also on a busy desk, where the wait above never times out.
+            if loop.time() - checked >= HEARTBEAT_S:
+                if await authenticate(request) is None:
+                    break
+                checked = loop.time()
             # What queued meanwhile goes out in the same write: a burst costs
             # one wake-up and one send, not one per event.
             burst = [getting.result()]
