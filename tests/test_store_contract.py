@@ -204,6 +204,21 @@ async def test_concurrent_distinct_messages_are_all_queued(store: Store) -> None
     assert await store.inbound_backlog() == 3000
 
 
+async def test_a_message_the_store_cannot_encode_fails_alone_not_its_batch(store: Store) -> None:
+    """Enqueues are written in batches; text that is no UTF-8 (a lone
+    surrogate, as a mis-decoded mail header leaves) must fail only its own."""
+    good, bad, other = inbound("a", thread="u-a"), inbound("b", thread="u-b"), inbound("c", thread="u-c")
+    bad.text = "half an emoji \ud83d"
+    results = await asyncio.gather(
+        *(store.enqueue_inbound(m) for m in (good, bad, other)), return_exceptions=True
+    )
+    assert results[0] == Accepted(good.id, None, duplicate=False)
+    assert isinstance(results[1], UnicodeEncodeError)
+    assert results[2] == Accepted(other.id, None, duplicate=False)
+    assert await store.inbound_backlog() == 2
+    assert await store.find_message("web", "b") is None
+
+
 async def test_claims_most_urgent_first_then_oldest(store: Store) -> None:
     arrivals = [
         ("low-1", Urgency.LOW),

@@ -53,7 +53,14 @@ class SQLiteQueues(SQLiteOutbox):
     # -- inbound queue ---------------------------------------------------
 
     async def enqueue_inbound(self, message: Message) -> Accepted:
-        return await self._enqueues.submit(_Enqueue(message, message_row(message), priority(message.urgency)))
+        """Text SQLite cannot take (no UTF-8: a lone surrogate from a
+        mis-decoded header) raises UnicodeEncodeError here, for this message
+        alone: inside the group commit it would fail every message batched with it."""
+        row = message_row(message)
+        for value in row:
+            if isinstance(value, str):
+                value.encode()
+        return await self._enqueues.submit(_Enqueue(message, row, priority(message.urgency)))
 
     async def _write_enqueues(self, batch: list[_Enqueue]) -> list[Accepted | Exception]:
         """One transaction for the batch; one malformed message must not fail
