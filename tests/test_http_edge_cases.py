@@ -178,3 +178,19 @@ async def test_event_stream_ends_for_a_rotated_token_even_on_a_busy_desk(start_d
                     await asyncio.sleep(0.05)
         finally:
             reading.cancel()
+
+
+async def test_unknown_channel_names_do_not_grow_the_metrics(start_daemon) -> None:
+    """Every name anyone POSTed to became a metrics series of its own: an
+    unauthenticated client could grow /metrics (and memory) without bound."""
+    router = await start_daemon()
+    body = json.dumps(OK).encode()
+    names = [f"probe-{time.monotonic_ns()}-{i}" for i in range(3)]
+    for name in names:
+        for route in ("inbound", "telegram"):
+            async with router.http.post(f"{router.base}/channels/{name}/{route}", data=body) as resp:
+                assert resp.status == 404
+    async with router.http.get(f"{router.base}/metrics") as resp:
+        text = await resp.text()
+    assert not [name for name in names if name in text]
+    assert 'router_ingress_rejected_total{channel="unknown",code="unknown_channel"}' in text

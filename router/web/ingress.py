@@ -23,9 +23,15 @@ def _webhook(request: web.Request) -> WebhookChannel:
     return channel
 
 
+def _label(request: web.Request) -> str:
+    """A configured channel's name, else one label for them all: a series per
+    name anyone posts to would grow /metrics without bound."""
+    name = request.match_info["name"]
+    return name if name in request.app[SERVICES].channels else "unknown"
+
+
 @routes.post("/channels/{name}/inbound")
 async def inbound(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
     try:
         if (request.content_length or 0) > MAX_BODY:
             raise BadInbound(413, "payload_too_large", "body over 1 MiB")
@@ -35,7 +41,7 @@ async def inbound(request: web.Request) -> web.Response:
             raise BadInbound(413, "payload_too_large", "body over 1 MiB") from None
         accepted = await _webhook(request).receive(body, request.headers)
     except BadInbound as exc:
-        metrics.REJECTED.labels(name[:40], exc.code).inc()
+        metrics.REJECTED.labels(_label(request), exc.code).inc()
         raise
     answer = {"message_id": accepted.message_id, "conversation_ref": accepted.conversation_ref}
     return web.json_response(answer, status=200 if accepted.duplicate else 202)
@@ -88,7 +94,7 @@ async def telegram(request: web.Request) -> web.Response:
             raise BadInbound(413, "payload_too_large", "body over 1 MiB") from None
         await channel.receive(body)
     except BadInbound as exc:
-        metrics.REJECTED.labels(name[:40], exc.code).inc()
+        metrics.REJECTED.labels(_label(request), exc.code).inc()
         raise
     # Empty: a JSON body with a "method" would be run by Telegram as a Bot API call.
     return web.Response()
