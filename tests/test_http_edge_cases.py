@@ -194,3 +194,13 @@ async def test_unknown_channel_names_do_not_grow_the_metrics(start_daemon) -> No
         text = await resp.text()
     assert not [name for name in names if name in text]
     assert 'router_ingress_rejected_total{channel="unknown",code="unknown_channel"}' in text
+
+
+async def test_forged_inbox_cursor_with_a_huge_number_is_400_not_500(start_daemon) -> None:
+    import base64
+
+    router = await start_daemon()
+    for key in ([10**30, 0, 0, "c_x"], [0, -(10**30), 0, "c_x"]):
+        cursor = base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
+        status, answer = await router.api("GET", f"/api/v1/conversations?cursor={cursor}")
+        assert (status, answer["error"]["code"]) == (400, "invalid_query"), key

@@ -112,7 +112,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     )
     try:
         page = await request.app[SERVICES].store.list_conversations(inbox)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a forged number past 64 bits
         raise BadInbound(400, "invalid_query", "cursor: not a cursor this server gave out") from None
     return web.json_response(
         {"conversations": [c.to_dict() for c in page.conversations], "next_cursor": page.next_cursor}
