@@ -204,3 +204,41 @@ async def test_forged_inbox_cursor_with_a_huge_number_is_400_not_500(start_daemo
         cursor = base64.urlsafe_b64encode(json.dumps(key).encode()).decode().rstrip("=")
         status, answer = await router.api("GET", f"/api/v1/conversations?cursor={cursor}")
         assert (status, answer["error"]["code"]) == (400, "invalid_query"), key
+
+
+async def test_a_stalled_event_stream_does_not_buffer_every_event(start_daemon) -> None:
+    """The store keeps at most 1,000 events for a subscriber that falls
+    behind, but the stream moved each into a queue of its own without bound:
+    a client that stopped reading (a laptop gone to sleep) made the daemon
+    hold every event of a busy desk until the connection died."""
+    import socket
+
+    from router.model import Event
+
+    router = await start_daemon()
+    host, port = router.base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=2**20)
+    writer.write(
+        f"GET /api/v1/events HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {router.token}\r\n\r\n".encode()
+    )
+    assert b" 200 " in await reader.readuntil(b": connected\n\n")
+    published = 4000
+    for i in range(published):  # the stream's reader stalls meanwhile
+        await router.daemon.store.publish(
+            Event("conversation.updated", {"id": f"c_{i}", "pad": "x" * 10_000})
+        )
+        await asyncio.sleep(0)
+    await asyncio.sleep(0.5)
+    received = 0
+    try:
+        while True:
+            received += (await asyncio.wait_for(reader.readuntil(b"\n\n"), 2)).startswith(b"event: ")
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+    assert 0 < received < published * 0.6

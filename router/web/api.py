@@ -20,6 +20,7 @@ from router.web.app import SERVICES, whole_number
 routes = web.RouteTableDef()
 MAX_LIMIT = 500
 HEARTBEAT_S = 15.0
+BACKLOG = 1000  # events kept for a client that falls behind
 AGENT = web.RequestKey("agent", Agent)
 E = TypeVar("E", bound=Enum)
 HTML_TAGS = nh3.ALLOWED_TAGS - {"img"}
@@ -216,11 +217,16 @@ async def events(request: web.Request) -> web.StreamResponse:
     )
     await response.prepare(request)
     await response.write(b": connected\n\n")
-    queue: asyncio.Queue[Event] = asyncio.Queue()
+    queue: asyncio.Queue[Event] = asyncio.Queue(BACKLOG)
 
     async def pump() -> None:
+        # Bounded like the store's own subscriber queue, which this drains at
+        # once: a client that stops reading loses its oldest events instead
+        # of the daemon keeping every one.
         subscription = services.store.subscribe()
         async for event in subscription:
+            if queue.full():
+                queue.get_nowait()
             queue.put_nowait(event)
 
     pumping = asyncio.create_task(pump())
