@@ -181,7 +181,8 @@ class TelegramChannel(Channel):
             raise BadInbound(503, "not_ready", f"cannot reach the Bot API yet: {exc}") from None
 
     def verify(self, headers: Mapping[str, str]) -> None:
-        given = headers.get(SECRET_HEADER, "").encode()
+        # aiohttp keeps header bytes that are not UTF-8 as surrogates: back to bytes.
+        given = headers.get(SECRET_HEADER, "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, self.webhook_secret.encode()):
             raise BadInbound(401, "bad_secret", f"{SECRET_HEADER} is missing or wrong")
 

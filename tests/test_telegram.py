@@ -43,6 +43,7 @@ from router.model import (
 from tests.botapi import SECRET_HEADER, TOKEN, BotAPI
 from tests.conftest import Running, free_port, free_socket, write_config
 from tests.test_daemon_process import REPO, admin_token, spawn, stop, wait_ready
+from tests.test_http_edge_cases import raw_exchange
 
 FEES = "what is the withdrawal fee for USDT on TRC20? order {n}"
 STOLEN = "someone logged in and withdrew all my USDT, I did not do it"
@@ -536,6 +537,16 @@ async def test_webhook_ingress_checks_the_secret_before_anything(start_router, a
             assert (await resp.json())["error"]["code"] == "bad_secret"
     async with router.http.post(f"{router.base}/channels/web/telegram", data=update) as resp:
         assert resp.status == 404
+    # A secret that is not even UTF-8 is as wrong as any other.
+    request = (
+        b"POST /channels/tg/telegram HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + SECRET_HEADER.encode()
+        + b": \xff\xfe\r\n"
+        + f"Content-Length: {len(update)}\r\nConnection: close\r\n\r\n".encode()
+        + update
+    )
+    status, answer = await raw_exchange(router, request)
+    assert status == 401 and json.loads(answer)["error"]["code"] == "bad_secret"
     assert await router.daemon.store.find_message("tg", "101:1") is None
 
 
