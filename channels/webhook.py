@@ -169,7 +169,13 @@ class WebhookChannel(Channel):
         if self.settings.reply_url is None:
             return f"pull mode: clients fetch GET /channels/{self.name}/outbound"
         try:
-            async with self._session().get(str(self.settings.reply_url)) as resp:
+            async with self._session().get(str(self.settings.reply_url), allow_redirects=False) as resp:
+                if 300 <= resp.status < 400:
+                    # Deliveries do not follow redirects (a POST would come back a GET).
+                    raise PermanentFailure(
+                        f"reply_url redirects (HTTP {resp.status}); deliveries do not follow redirects:"
+                        " set the final address"
+                    )
                 return f"reply_url reachable (HTTP {resp.status})"
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TemporaryFailure(f"reply_url unreachable: {type(exc).__name__}: {exc}") from None

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from router import agents, triage
 from router import config as configuration
@@ -367,6 +368,28 @@ secret = "app-secret-2"
         assert await asyncio.to_thread(run, "channels", "test", name) == (0, line + "\n", "")
     code, _, err = await asyncio.to_thread(run, "channels", "test", "mail")
     assert code == 1 and err.endswith("channels: no channel named 'mail'\n")
+
+
+async def test_channels_test_fails_a_redirecting_reply_url(tmp_path: Path, receiver: Receiver) -> None:
+    """Deliveries do not follow redirects, so `channels test` must not call
+    such a reply_url reachable."""
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPMovedPermanently(receiver.url)
+
+    app = web.Application()
+    app.router.add_get("/old-replies", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = free_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        write_config(tmp_path, f"http://127.0.0.1:{sock.getsockname()[1]}/old-replies")
+        result = await asyncio.to_thread(cli, tmp_path, "channels", "test")
+    finally:
+        await runner.cleanup()
+    assert result.returncode == 1
+    assert result.stdout.startswith("web: FAIL reply_url redirects (HTTP 301)")
 
 
 def test_triage_eval_json_is_one_object(tmp_path: Path) -> None:
