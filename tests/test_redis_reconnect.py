@@ -5,10 +5,11 @@ reconnects and runs again, once Redis is back."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
-from router.model import InboxQuery
+from router.model import Event, InboxQuery
 from router.store.redis import RedisStore
 from tests.services import RedisServer
 from tests.test_store_contract import inbound
@@ -45,3 +46,18 @@ async def test_every_call_right_after_a_redis_restart_succeeds(
         assert await store.inbound_backlog() == 2 * (CALLS // 3)
     finally:
         await store.close()
+
+
+async def test_closing_while_redis_is_away_keeps_the_shutdown_deadline(
+    redis_server: Callable[[], RedisServer],
+) -> None:
+    """Live events waiting to be sent are best-effort; SIGTERM's 10 s are not."""
+    server = redis_server()
+    store = RedisStore(server.url("away"))
+    await store.open()
+    server.kill()
+    for i in range(10_000):
+        await store.publish(Event("conversation.updated", {"n": i, "text": "x" * 100}))
+    began = time.monotonic()
+    await store.close()
+    assert time.monotonic() - began < 3.0

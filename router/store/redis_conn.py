@@ -59,6 +59,10 @@ PUBLISH_BYTES = 256 * 1024
 """...and bytes per PUBLISH at most (bar one event larger than that): a
 subscriber's output buffer in Redis need not hold more than a few."""
 OUTGOING_MAX = 10_000
+FLUSH_ON_STOP_S = 1.0
+"""How long a stopping daemon keeps sending its last events: live updates
+are best-effort, the 10 s a SIGTERM allows are not (one failed send while
+Redis is away costs most of a second)."""
 ROSTER_NOTICE = "agents"
 """Published on the wake channel by every script that changes an agent."""
 
@@ -126,11 +130,15 @@ class Connection:
             raise StoreError(f"{self.display_url}: cannot subscribe") from None
 
     async def stop(self) -> None:
-        """Sends the events already published, then disconnects."""
+        """Sends the events already published, for FLUSH_ON_STOP_S at most,
+        then disconnects."""
         if self._publisher is not None:
             publisher, self._publisher = self._publisher, None
             self._outgoing_ready.set()
-            await publisher
+            try:
+                await asyncio.wait_for(publisher, FLUSH_ON_STOP_S)
+            except TimeoutError:
+                log.warning("stopping: %d events not sent in time", len(self._outgoing))
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
