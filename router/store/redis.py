@@ -222,7 +222,8 @@ class RedisStore(RedisQueues, RedisCheckpoints):
     async def list_conversations(self, query: InboxQuery) -> Page:
         """Keyset paging over the inbox sets: the cursor is the member of the
         last conversation served, so pages neither repeat nor skip while
-        others come and go. Every status means merging the three sets."""
+        others come and go (one that moves in the order meanwhile can show
+        twice or not at all). Every status means merging the three sets."""
         if query.unassigned and query.assignee is not None:
             return Page([], None)
         assignee = "" if query.unassigned else query.assignee

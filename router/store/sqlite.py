@@ -112,7 +112,9 @@ class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
 
     async def list_conversations(self, query: InboxQuery) -> Page:
         """Keyset paging: the cursor is the sort key of the last row served, so
-        pages neither repeat nor skip while other rows come and go."""
+        pages neither repeat nor skip while other rows come and go. A row that
+        moves in the order meanwhile (its urgency or deadline changed) can show
+        on two pages or on none, as with any keyset paging."""
         filters = {"status = ?": query.status, "team = ?": query.team, "assignee = ?": query.assignee}
         clauses = [clause for clause, value in filters.items() if value is not None]
         params: list[Any] = [value for value in filters.values() if value is not None]
