@@ -1,7 +1,7 @@
 """Delivery of acks and agent replies through the customer's channel.
 
 Durable: every outbound message is in the store before anyone tries to send
-it. Temporary failures retry with exponential backoff and full jitter, capped
+it. Temporary failures retry with exponential backoff and jitter, capped
 at `outbox.backoff_max`, until `outbox.max_attempts` makes the message
 `dead`; permanent failures mark it `failed` at once. The delivery id (the
 message id) is the same on every try, so receivers can drop duplicates.
@@ -47,7 +47,9 @@ class Outbox:
         self.push = [name for name, channel in channels.items() if not channel.pulls_outbound]
 
     def backoff(self, attempts: int) -> timedelta:
-        """Full jitter: uniform in [0, min(cap, base * 2^(attempts-1))]."""
+        """Equal jitter: uniform in [ceiling / 2, ceiling], the ceiling being
+        min(cap, base * 2^(attempts-1)). Spread out like full jitter, but a
+        failing receiver always gets at least half the backoff to recover."""
         ceiling = min(self.backoff_max.total_seconds(), BASE_DELAY_S * 2 ** (attempts - 1))
         return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
