@@ -21,7 +21,7 @@ from channels.webhook import sign
 from router import config as configuration
 from router.daemon import Daemon
 
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.mailboxes"]
 SECRET = "test-webhook-secret-0123456789"
 
 

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -31,6 +30,7 @@ from router.errors import PermanentFailure, TemporaryFailure
 from router.model import Accepted, Conversation, Delivery, Direction, InboxQuery, Kind, Message, Party, utcnow
 from router.store.sqlite import SQLiteStore
 from tests.conftest import free_socket, write_config
+from tests.mailboxes import Box
 from tests.services import Dovecot, SMTPPeer, free_port
 
 
@@ -48,60 +48,6 @@ def customer_mail(
         mail[name.replace("_", "-")] = value
     mail.set_content(text or f"What is the fee for withdrawal number {i}?")
     return mail.as_bytes()
-
-
-@dataclass
-class Box:
-    """A mailbox of this test's own (a fresh user) on the shared Dovecot."""
-
-    dovecot: Dovecot
-    user: str
-    password: str
-
-    async def append(self, *mails: bytes, folder: str = "INBOX") -> None:
-        await asyncio.to_thread(self.dovecot.append, self.user, *mails, folder=folder)
-
-    def flags(self, folder: str = "INBOX") -> list[bytes]:
-        imap = self.dovecot.client(self.user)
-        try:
-            _, count = imap.select(folder)
-            if count[0] == b"0":
-                return []
-            _, data = imap.fetch("1:*", "(FLAGS)")
-            return [line for line in data if isinstance(line, bytes)]
-        finally:
-            imap.logout()
-
-    def imap(self, **extra: Any) -> dict[str, Any]:
-        options = {"host": "127.0.0.1", "port": self.dovecot.port, "security": "none", "poll_seconds": 30}
-        return {**options, "username": self.user, "password": self.password, **extra}
-
-    def channel(self, smtp_port: int, state_dir: Path, name: str = "mail", **imap: Any) -> EmailChannel:
-        settings = EmailSettings.model_validate(
-            {
-                "from_address": "Example Support <support@example.com>",
-                "imap": self.imap(**imap),
-                "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "none"},
-            }
-        )
-        return EmailChannel(name, settings, state_dir)
-
-    @property
-    def key(self) -> str:
-        return f"imap/mail/{self.user}@127.0.0.1/INBOX"
-
-
-@pytest.fixture
-def box(shared_dovecot: Dovecot) -> Box:
-    return Box(shared_dovecot, *shared_dovecot.new_user())
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = SQLiteStore(f"sqlite:///{tmp_path}/router.db")
-    await opened.open()
-    yield opened
-    await opened.close()
 
 
 class Recorder:

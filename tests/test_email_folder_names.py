@@ -3,7 +3,6 @@ email channel reading from and moving to non-ASCII folders on a real Dovecot."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +11,8 @@ from channels.email.folder_names import decode, encode
 from channels.email.mailbox import check
 from router.errors import PermanentFailure
 from router.store.sqlite import SQLiteStore
-from tests.services import Dovecot
-from tests.test_email_channel import Box, customer_mail, eventually, opened, reading
+from tests.mailboxes import Box
+from tests.test_email_channel import customer_mail, eventually, opened, reading
 
 VECTORS = [
     ("INBOX", "INBOX"),
@@ -52,19 +51,6 @@ def test_a_broken_shifted_run_is_a_value_error(bad: str) -> None:
 
 INBOX = "Поддержка"
 DONE = "已处理 & Обработано"
-
-
-@pytest.fixture
-def box(shared_dovecot: Dovecot) -> Box:
-    return Box(shared_dovecot, *shared_dovecot.new_user())
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened_store = SQLiteStore(f"sqlite:///{tmp_path}/router.db")
-    await opened_store.open()
-    yield opened_store
-    await opened_store.close()
 
 
 def create(box: Box, *humans: str) -> list[bytes]:

@@ -24,9 +24,10 @@ from channels.email.parse_pool import ParsePool, parse_batch
 from router.model import Message
 from router.store.sqlite import SQLiteStore
 from tests.conftest import write_config
-from tests.services import Dovecot, free_port
+from tests.mailboxes import Box
+from tests.services import free_port
 from tests.test_daemon_process import spawn, stop, wait_ready
-from tests.test_email_channel import Box, Recorder, customer_mail, eventually, reading
+from tests.test_email_channel import Recorder, customer_mail, eventually, reading
 
 CORPUS = Path(__file__).parent / "data" / "email"
 IDENTITY = Identity("mail", "example.com", "x")
@@ -55,19 +56,6 @@ def parse_after_a_hang_in_a_worker(
 @pytest.fixture
 async def pool() -> AsyncIterator[ParsePool]:
     opened = ParsePool()
-    yield opened
-    await opened.close()
-
-
-@pytest.fixture
-def box(shared_dovecot: Dovecot) -> Box:
-    return Box(shared_dovecot, *shared_dovecot.new_user())
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    opened = SQLiteStore(f"sqlite:///{tmp_path}/router.db")
-    await opened.open()
     yield opened
     await opened.close()
 
