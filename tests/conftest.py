@@ -37,6 +37,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def redirecting(target: str) -> AsyncIterator[str]:
+    """A URL on loopback that answers every GET and POST with a redirect to `target`."""
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPFound(target)
+
+    app = web.Application()
+    app.router.add_route("*", "/moved", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = free_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/moved"
+    finally:
+        await runner.cleanup()
+
+
 def signed_headers(body: bytes, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
     stamp = str(int(time.time()) if timestamp is None else timestamp)
     return {

@@ -21,7 +21,6 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from router import agents, triage
 from router import config as configuration
@@ -31,7 +30,7 @@ from router.daemon import Daemon
 from router.model import DeliveryStatus, Direction, Kind, Message, Party, new_id, utcnow
 from router.pipeline import Pipeline
 from router.store import Store, open_store
-from tests.conftest import SECRET, Receiver, free_port, free_socket, signed_headers, write_config
+from tests.conftest import SECRET, Receiver, free_port, free_socket, redirecting, signed_headers, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "triage_sample.jsonl"
@@ -374,22 +373,11 @@ async def test_channels_test_fails_a_redirecting_reply_url(tmp_path: Path, recei
     """Deliveries do not follow redirects, so `channels test` must not call
     such a reply_url reachable."""
 
-    async def moved(request: web.Request) -> web.Response:
-        raise web.HTTPMovedPermanently(receiver.url)
-
-    app = web.Application()
-    app.router.add_get("/old-replies", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    await web.SockSite(runner, sock).start()
-    try:
-        write_config(tmp_path, f"http://127.0.0.1:{sock.getsockname()[1]}/old-replies")
+    async with redirecting(receiver.url) as url:
+        write_config(tmp_path, url)
         result = await asyncio.to_thread(cli, tmp_path, "channels", "test")
-    finally:
-        await runner.cleanup()
     assert result.returncode == 1
-    assert result.stdout.startswith("web: FAIL reply_url redirects (HTTP 301)")
+    assert result.stdout.startswith("web: FAIL reply_url redirects (HTTP 302)")
 
 
 def test_triage_eval_json_is_one_object(tmp_path: Path) -> None:

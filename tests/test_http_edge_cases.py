@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.conftest import redirecting
+
 OK = {"id": "msg-1", "from": {"id": "user-1", "name": "Ann"}, "text": "hello"}
 
 
@@ -117,21 +119,8 @@ async def test_odd_pull_queries_are_clamped_or_400_not_500(start_daemon, query: 
 async def test_redirecting_reply_url_is_not_taken_for_a_delivery(start_daemon, receiver) -> None:
     """A POST answered 302 was followed as a GET, without the body: the ack
     was marked sent though the customer's app never got it."""
-    from aiohttp import web
-
-    from tests.conftest import free_socket
-
-    async def moved(request: web.Request) -> web.Response:
-        raise web.HTTPFound(receiver.url)
-
-    app = web.Application()
-    app.router.add_post("/old-replies", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    await web.SockSite(runner, sock).start()
-    try:
-        router = await start_daemon(reply_url=f"http://127.0.0.1:{sock.getsockname()[1]}/old-replies")
+    async with redirecting(receiver.url) as url:
+        router = await start_daemon(reply_url=url)
         await router.post_message(OK)
         await router.settle()
         _, inbox = await router.api("GET", "/api/v1/conversations")
@@ -146,8 +135,6 @@ async def test_redirecting_reply_url_is_not_taken_for_a_delivery(start_daemon, r
         assert receiver.received == []
         assert delivery["status"] == "failed", delivery
         assert "302" in delivery["error"]
-    finally:
-        await runner.cleanup()
 
 
 async def test_event_stream_ends_for_a_rotated_token_even_on_a_busy_desk(start_daemon, monkeypatch) -> None:
