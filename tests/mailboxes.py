@@ -5,6 +5,7 @@ plugin (tests/conftest.py), so every email test module shares them."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,18 @@ class Box:
             }
         )
         return EmailChannel(name, settings, state_dir)
+
+    def channel_table(self, smtp_port: int) -> str:
+        """A config's `[[channels]]` table for a channel `mail` on this mailbox."""
+        imap = ", ".join(f"{key} = {json.dumps(value)}" for key, value in self.imap().items())
+        return f"""
+[[channels]]
+name = "mail"
+type = "email"
+from_address = "Example Support <support@example.com>"
+imap = {{ {imap} }}
+smtp = {{ host = "127.0.0.1", port = {smtp_port}, security = "none" }}
+"""
 
     @property
     def key(self) -> str:

@@ -373,15 +373,7 @@ async def test_end_to_end_through_daemon_and_dovecot_restarts(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     own = Box(dovecot, *dovecot.new_user())
-    imap = ", ".join(f"{key} = {json.dumps(value)}" for key, value in own.imap().items())
-    table = f"""
-[[channels]]
-name = "mail"
-type = "email"
-from_address = "Example Support <support@example.com>"
-imap = {{ {imap} }}
-smtp = {{ host = "127.0.0.1", port = {smtp_peer.port}, security = "none" }}
-"""
+    table = own.channel_table(smtp_peer.port)
     config = configuration.load(str(write_config(tmp_path, None, table)))
 
     async def start() -> Daemon:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import multiprocessing
 import os
@@ -157,18 +156,13 @@ async def test_closing_does_not_wait_for_a_long_parse_and_leaves_no_worker(
 
 
 async def test_the_daemon_parses_in_a_worker_and_stops_it_on_sigterm(box: Box, tmp_path: Path) -> None:
-    imap = ", ".join(f"{key} = {json.dumps(value)}" for key, value in box.imap().items())
-    table = f"""
-[[channels]]
-name = "mail"
-type = "email"
-from_address = "Example Support <support@example.com>"
-imap = {{ {imap} }}
-smtp = {{ host = "127.0.0.1", port = 25, security = "none" }}
-
+    table = (
+        box.channel_table(25)
+        + """
 [acks]
 enabled = false
 """
+    )
     config = write_config(tmp_path, None, table)
     port = free_port()
     proc = spawn(tmp_path, port, "-c", str(config))
