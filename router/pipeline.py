@@ -245,12 +245,12 @@ class Pipeline:
                 changes["team"] = team
         if not changes:
             return conversation
-        conversation = await self.store.update_conversation(conversation.id, **changes)
         if "team" in changes and conversation.assignee is not None:
-            conversation = (
-                await self.store.claim_conversation(conversation.id, None, conversation.assignee)
-                or conversation
-            )
+            # Released before the team moves: after a crash between the two
+            # steps the move is still to do, and handling it again finishes
+            # it; the other way round it would leave the old team's agent.
+            await self.store.claim_conversation(conversation.id, None, conversation.assignee)
+        conversation = await self.store.update_conversation(conversation.id, **changes)
         await self._publish("conversation.updated", conversation)
         return conversation
 
