@@ -116,7 +116,7 @@ class _Loader:
 
     def build(self, raw: dict[str, Any]) -> Config:
         data = self.resolve(raw, ())
-        self.unreadable = set(self.problems)
+        self.unreadable |= set(self.problems)
         for (table, key), variable in OVERRIDES.items():
             value = os.environ.get(variable)
             if value and isinstance(data.setdefault(table, {}), dict):
@@ -158,12 +158,14 @@ class _Loader:
                 self.problem(_key_path((*loc, key)), f"give {target} or {key}, not both")
             elif not isinstance(resolved, str):
                 self.problem(_key_path((*loc, key)), "must be a file path")
-            else:
+            elif _key_path((*loc, key)) not in self.problems:  # a path with an unset variable is not read
                 out[target] = self.read_secret(resolved, (*loc, key))
             if _SECRET_KEY.search(target) and isinstance(out.get(target), str):
                 self.mask(out[target])
                 if not out[target] and _key_path((*loc, key)) not in self.problems:
                     self.problem(_key_path((*loc, key)), "is empty")
+            if target != key and _key_path((*loc, key)) in self.problems:
+                self.unreadable.add(_key_path((*loc, target)))  # no second message about what was not read
         return out
 
     def read_secret(self, name: str, loc: tuple[Any, ...]) -> str:

@@ -1,0 +1,60 @@
+"""A value that could not be read is reported once, at the key the user
+wrote, and an env override replaces the file's value, problems included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router import config as configuration
+from router.errors import ConfigError
+
+TOKEN = "5550001234:AAE-emulator_token_for_tests_0123456"
+TEAMS = '\n[[teams]]\nname = "support"\n'
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("ROUTER_STORE_URL", "ROUTER_LISTEN", "ROUTER_CONFIG", "SECRETS_DIR", "REDIS_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def problems(text: str, tmp_path: Path) -> list[str]:
+    path = tmp_path / "router.toml"
+    path.write_text(text + TEAMS, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        configuration.load(str(path))
+    return [p.removeprefix(f"{path}: ") for p in caught.value.problems]
+
+
+TELEGRAM = '[[channels]]\nname = "tg"\ntype = "telegram"\n'
+UNREADABLE = [
+    ("a directory", 'token_file = "adir"', "channels[0].token_file: cannot read {tmp}/adir: Is a directory"),
+    ("a missing file", 'token_file = "nope"', "channels[0].token_file: cannot read {tmp}/nope: No such file"),
+    ("an empty file", 'token_file = "empty"', "channels[0].token_file: is empty"),
+    ("not a path", "token_file = 5", "channels[0].token_file: must be a file path"),
+    (
+        "a path from an unset variable",
+        'token_file = "${SECRETS_DIR}/tg"',
+        "channels[0].token_file: environment variable SECRETS_DIR is not set",
+    ),
+    (
+        "the webhook secret in a directory",
+        f'token = "{TOKEN}"\nwebhook_secret_file = "adir"',
+        "channels[0].webhook_secret_file: cannot read {tmp}/adir: Is a directory",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "key", "expected"), UNREADABLE, ids=[row[0] for row in UNREADABLE])
+def test_a_secret_file_that_cannot_be_read_is_one_problem(
+    tmp_path: Path, case: str, key: str, expected: str
+) -> None:
+    """Not a second one saying the token it could not read "is not a bot
+    token", which sends the user to check a file that may well be right."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "empty").write_text("\n", encoding="utf-8")
+    [problem] = problems(TELEGRAM + key, tmp_path)
+    assert problem.startswith(expected.format(tmp=tmp_path))
