@@ -70,7 +70,7 @@ def decode_bytes(data: bytes, label: str | None = None) -> str:
     for name in candidates:
         try:
             return data.decode(name)
-        except (UnicodeDecodeError, LookupError):
+        except (UnicodeError, LookupError):  # "undefined", "idna": codecs, not charsets
             continue
     if b"\x1b$" in data or (declared or "").startswith("iso2022_jp"):
         return _jis_via_cp932(data)
@@ -81,7 +81,10 @@ def decode_bytes(data: bytes, label: str | None = None) -> str:
         return loose  # UTF-8 with a stray bad byte, not a legacy charset
     # Latin-1 text labelled UTF-8 (or not labelled) is the common lie.
     fallback = declared if declared and declared != "utf-8" else "cp1252"
-    return data.decode(fallback, errors="replace")
+    try:
+        return data.decode(fallback, errors="replace")
+    except (UnicodeError, LookupError):
+        return data.decode("cp1252", errors="replace")
 
 
 def _jis_via_cp932(data: bytes) -> str:
