@@ -228,6 +228,9 @@ class Pipeline:
                 conversation.id, urgency=edit.urgency, category=edit.category, reason=edit.reason
             )
             conversation = await self._escalate(conversation, edit, routing.route(self.settings, edit), now)
+        if conversation.assignee is None and conversation.status is not Status.CLOSED:
+            # Moved to another team (or waiting in one): assigned there, as a new message would be.
+            conversation = await routing.assign(self.store, self.settings, conversation)
         await self._publish("conversation.updated", conversation)
         return conversation
 
