@@ -116,12 +116,13 @@ class _Loader:
 
     def build(self, raw: dict[str, Any]) -> Config:
         data = self.resolve(raw, ())
-        self.unreadable |= set(self.problems)
         for (table, key), variable in OVERRIDES.items():
             value = os.environ.get(variable)
             if value and isinstance(data.setdefault(table, {}), dict):
                 data[table][key] = value
                 self.origin[f"{table}.{key}"] = variable
+                self.problems.pop(f"{table}.{key}", None)  # the file's value, replaced
+        self.unreadable |= set(self.problems)
         settings: Settings | None = None
         try:
             settings = Settings.model_validate(data)

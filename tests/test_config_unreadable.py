@@ -58,3 +58,22 @@ def test_a_secret_file_that_cannot_be_read_is_one_problem(
     (tmp_path / "empty").write_text("\n", encoding="utf-8")
     [problem] = problems(TELEGRAM + key, tmp_path)
     assert problem.startswith(expected.format(tmp=tmp_path))
+
+
+def test_an_env_override_replaces_a_file_value_that_names_an_unset_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A production config with `redis://:${REDIS_PASSWORD}@...` run on a
+    laptop with ROUTER_STORE_URL pointing at SQLite: the override wins, so
+    the password that is not set there is no problem."""
+    path = tmp_path / "router.toml"
+    text = '[server]\nlisten = "${LISTEN_ON}"\n[store]\nurl = "redis://:${REDIS_PASSWORD}@redis:6379/0"\n'
+    path.write_text(text + TEAMS, encoding="utf-8")
+    monkeypatch.setenv("ROUTER_STORE_URL", "sqlite:///local.db")
+    monkeypatch.setenv("ROUTER_LISTEN", "127.0.0.1:8181")
+    settings = configuration.load(str(path)).settings
+    assert (settings.store.url, settings.server.listen) == ("sqlite:///local.db", "127.0.0.1:8181")
+    monkeypatch.setenv("ROUTER_LISTEN", "8181")
+    assert problems(text, tmp_path) == [
+        "server.listen: '8181' is not host:port (like 127.0.0.1:8080) (from ROUTER_LISTEN)"
+    ], "the override's own mistake is the one shown"
