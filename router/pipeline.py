@@ -227,6 +227,10 @@ class Pipeline:
             conversation = await self.store.update_conversation(
                 conversation.id, urgency=edit.urgency, category=edit.category, reason=edit.reason
             )
+        if edit.urgency is conversation.urgency and conversation.status is not Status.CLOSED:
+            # Not only right after the update above: handled again after a
+            # crash that came before the deadline and team, it finds the
+            # urgency raised already.
             conversation = await self._escalate(conversation, edit, routing.route(self.settings, edit), now)
         if conversation.assignee is None and conversation.status is not Status.CLOSED:
             # Moved to another team (or waiting in one): assigned there, as a new message would be.

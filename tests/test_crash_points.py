@@ -154,3 +154,21 @@ async def test_a_crash_while_escalating_still_moves_the_conversation_to_security
         assert conversation.message_count == 3 and await site.acks(conversation) == 1
 
     assert await every_crash_point(tmp_path, prepare, check) > 3
+
+
+async def test_a_crash_while_an_edit_escalates_still_tightens_the_deadline(tmp_path: Path) -> None:
+    async def prepare(site: Site) -> None:
+        await agents.create(site.store, "bob", ["support"])
+        await agents.create(site.store, "sec1", ["security"])
+        original = await site.queue("what is the withdrawal fee?")
+        await site.pipeline.drain()
+        site.clock.advance(minutes=10)
+        await site.queue("someone withdrew all my BTC without my permission!", edit_of=original.external_id)
+
+    async def check(site: Site) -> None:
+        [conversation] = await site.conversations()
+        assert (conversation.urgency.value, conversation.team) == ("critical", "security")
+        assert conversation.first_response_due == site.clock.now + timedelta(minutes=15)
+        assert conversation.assignee == "sec1"
+
+    assert await every_crash_point(tmp_path, prepare, check) > 2
