@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -175,13 +176,19 @@ async def cmd_inbox(args: argparse.Namespace, config: Config) -> int:
         for c in rows:
             print(
                 f"{c['ref']}  {c['urgency']:<8} {c['category']:<14} {c['team'] or '-':<10} "
-                f"{c['assignee'] or '-':<10} due {c['first_response_due']}  {c['subject'] or ''}"
+                f"{c['assignee'] or '-':<10} due {c['first_response_due']}  {_one_line(c['subject'] or '')}"
             )
         if not rows:
             print("no open conversations")
         return 0
 
     return await _with_store(config, work)
+
+
+def _one_line(text: str) -> str:
+    """A customer's text on the agent's terminal: no line breaks that forge
+    rows, no escape sequences that drive the terminal."""
+    return "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in text)
 
 
 async def cmd_reply(args: argparse.Namespace, config: Config) -> int:
