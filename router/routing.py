@@ -9,6 +9,8 @@ from router.settings import Settings, TeamConfig
 from router.store import Store
 
 log = logging.getLogger(__name__)
+MAX_PICKS = 5
+"""Picks of one assignment when the picked agents keep going away meanwhile."""
 
 
 def route(settings: Settings, message: Message) -> str:
@@ -48,11 +50,22 @@ async def assign(store: Store, settings: Settings, conversation: Conversation) -
     team = next((t for t in settings.teams if t.name == conversation.team), None)
     if conversation.assignee is not None or team is None:
         return conversation
-    agent = await pick_agent(store, team)
-    if agent is None:
-        return conversation
-    claimed = await store.claim_conversation(conversation.id, agent, expected=None)
-    if claimed is not None:
-        log.debug("assigned %s to %s", conversation.ref, agent)
-        return claimed
+    for _ in range(MAX_PICKS):
+        agent = await pick_agent(store, team)
+        if agent is None:
+            return conversation
+        claimed = await store.claim_conversation(conversation.id, agent, expected=None)
+        if claimed is None:
+            break
+        # An agent set away (or removed) hands back their conversations after
+        # the change; one claimed for them after that hand-back looked would
+        # stay with someone who is gone, so it goes back and is picked again.
+        current = await store.get_agent(agent)
+        if current is not None and current.presence is Presence.AVAILABLE:
+            log.debug("assigned %s to %s", conversation.ref, agent)
+            return claimed
+        released = await store.claim_conversation(conversation.id, None, agent)
+        if released is None:
+            break
+        conversation = released
     return await store.get_conversation(conversation.id) or conversation
