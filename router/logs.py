@@ -18,7 +18,7 @@ class Redact(logging.Filter):
         self.secrets: set[str] = set()
 
     def scrub(self, text: str) -> str:
-        for secret in self.secrets:
+        for secret in sorted(self.secrets, key=len, reverse=True):  # one inside another: the longer first
             text = text.replace(secret, "***")
         return _TOKENS.sub("srt_***", text)
 
