@@ -247,6 +247,11 @@ def _check_channels(loader: _Loader, data: dict[str, Any]) -> list[str]:
         except ValidationError as exc:
             for error in exc.errors():
                 loader.problem(f"channels[{i}].{_key_path(error['loc'])}", _explain(error))
+        server = data.get("server")
+        public_url = server.get("public_url") if isinstance(server, dict) else None
+        if kind == "telegram" and channel.get("mode") == "webhook" and not public_url:
+            # what TelegramChannel.configure refuses at start, said before it
+            loader.problem("server.public_url", f"needed by channel {name!r} (telegram, webhook mode)")
     return names
 
 

@@ -77,3 +77,17 @@ def test_an_env_override_replaces_a_file_value_that_names_an_unset_variable(
     assert problems(text, tmp_path) == [
         "server.listen: '8181' is not host:port (like 127.0.0.1:8080) (from ROUTER_LISTEN)"
     ], "the override's own mistake is the one shown"
+
+
+def test_a_telegram_webhook_without_public_url_fails_check_config_as_it_fails_run(tmp_path: Path) -> None:
+    """`run` refuses it (there is no URL to register with Telegram), so
+    check-config must not call it valid."""
+    webhook = TELEGRAM + f'token = "{TOKEN}"\nmode = "webhook"\n'
+    assert problems(webhook, tmp_path) == [
+        "server.public_url: needed by channel 'tg' (telegram, webhook mode)"
+    ]
+    path = tmp_path / "router.toml"
+    path.write_text(
+        '[server]\npublic_url = "https://support.example.com"\n' + webhook + TEAMS, encoding="utf-8"
+    )
+    assert configuration.load(str(path)).settings.channels[0].options["mode"] == "webhook"
