@@ -10,6 +10,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,27 @@ from aiohttp import web
 from channels.webhook import sign
 from router import config as configuration
 from router.daemon import Daemon
+from router.model import Direction, Kind, Message, Party, new_id, utcnow
 
 pytest_plugins = ["tests.services", "tests.mailboxes"]
 SECRET = "test-webhook-secret-0123456789"
+
+
+def customer_message(text: str, sender: str = "u-1", *, at: datetime | None = None, **extra: Any) -> Message:
+    """A customer's webhook message on channel `web`, threaded by sender."""
+    return Message(
+        id=new_id("m"),
+        channel="web",
+        channel_type="webhook",
+        direction=Direction.IN,
+        kind=Kind.CUSTOMER,
+        external_id=new_id("x"),
+        sender=Party(id=sender),
+        text=text,
+        received_at=at or utcnow(),
+        thread_key=sender,
+        **extra,
+    )
 
 
 def free_socket() -> socket.socket:

@@ -27,10 +27,19 @@ from router import config as configuration
 from router.acks import Templates
 from router.cli import main
 from router.daemon import Daemon
-from router.model import DeliveryStatus, Direction, Kind, Message, Party, new_id, utcnow
+from router.model import DeliveryStatus, Direction, Kind, Message
 from router.pipeline import Pipeline
 from router.store import Store, open_store
-from tests.conftest import SECRET, Receiver, free_port, free_socket, redirecting, signed_headers, write_config
+from tests.conftest import (
+    SECRET,
+    Receiver,
+    customer_message,
+    free_port,
+    free_socket,
+    redirecting,
+    signed_headers,
+    write_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "tests" / "data" / "triage_sample.jsonl"
@@ -128,19 +137,7 @@ def seed(config_file: Path) -> None:
             ("u-2", "someone logged into my account and withdrew everything"),
             ("u-3", "how long do deposits take?"),
         ]:
-            message = Message(
-                id=new_id("m"),
-                channel="web",
-                channel_type="webhook",
-                direction=Direction.IN,
-                kind=Kind.CUSTOMER,
-                external_id=new_id("x"),
-                sender=Party(id=sender),
-                text=text,
-                received_at=utcnow(),
-                thread_key=sender,
-            )
-            await pipeline.accept(message)
+            await pipeline.accept(customer_message(text, sender))
             await pipeline.drain()
 
     asyncio.run(with_store(config_file, work))

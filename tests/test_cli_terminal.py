@@ -8,10 +8,9 @@ from pathlib import Path
 
 from router import config as configuration
 from router.acks import Templates
-from router.model import Direction, Kind, Message, Party, new_id, utcnow
 from router.pipeline import Pipeline
 from router.store import Store
-from tests.conftest import write_config
+from tests.conftest import customer_message, write_config
 from tests.test_cli import Run, rules, run, with_store  # noqa: F401 - `run` is a fixture
 
 FORGED = "refund\nT-000099  critical security   security   sec        due -  \x1b]0;owned\x07\x1b[2J"
@@ -20,20 +19,7 @@ FORGED = "refund\nT-000099  critical security   security   sec        due -  \x1
 def seed_subject(config_file: Path, subject: str) -> None:
     async def work(store: Store) -> None:
         pipeline = Pipeline(store, configuration.load(str(config_file)), rules(), Templates(None))
-        message = Message(
-            id=new_id("m"),
-            channel="web",
-            channel_type="webhook",
-            direction=Direction.IN,
-            kind=Kind.CUSTOMER,
-            external_id=new_id("x"),
-            sender=Party(id="u-1"),
-            text="where is my deposit?",
-            subject=subject,
-            received_at=utcnow(),
-            thread_key="u-1",
-        )
-        await pipeline.accept(message)
+        await pipeline.accept(customer_message("where is my deposit?", subject=subject))
         await pipeline.drain()
 
     asyncio.run(with_store(config_file, work))

@@ -19,10 +19,10 @@ from typing import Any
 from router import agents, triage
 from router import config as configuration
 from router.acks import Templates
-from router.model import Conversation, Direction, InboxQuery, Kind, Message, Party, new_id
+from router.model import Conversation, InboxQuery, Kind, Message
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
-from tests.conftest import write_config
+from tests.conftest import customer_message, write_config
 from tests.test_desk import Clock
 
 RULES = triage.load_rules()
@@ -73,19 +73,7 @@ class Site:
     clock: Clock
 
     async def queue(self, text: str, sender: str = "u-1", **extra: Any) -> Message:
-        message = Message(
-            id=new_id("m"),
-            channel="web",
-            channel_type="webhook",
-            direction=Direction.IN,
-            kind=Kind.CUSTOMER,
-            external_id=new_id("x"),
-            sender=Party(id=sender),
-            text=text,
-            received_at=self.clock(),
-            thread_key=sender,
-            **extra,
-        )
+        message = customer_message(text, sender, at=self.clock(), **extra)
         await self.pipeline.accept(message)
         return message
 

@@ -17,11 +17,11 @@ from router import agents, triage
 from router import config as configuration
 from router.acks import Templates
 from router.desk import Desk
-from router.model import Agent, DeliveryStatus, Direction, Kind, Message, Party, Presence, Status, new_id
+from router.model import Agent, DeliveryStatus, Direction, Kind, Message, Presence, Status
 from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
-from tests.conftest import Receiver, write_config
+from tests.conftest import Receiver, customer_message, write_config
 
 RULES = triage.load_rules()
 
@@ -52,19 +52,8 @@ class Desk_:
 
     async def queue(self, text: str, sender: str = "u-1", key: str | None = None, **extra) -> Message:
         """Accepted, not handled yet."""
-        message = Message(
-            id=new_id("m"),
-            channel="web",
-            channel_type="webhook",
-            direction=Direction.IN,
-            kind=Kind.CUSTOMER,
-            external_id=new_id("x"),
-            sender=Party(id=sender),
-            text=text,
-            received_at=self.clock(),
-            thread_key=key or sender,
-            **extra,
-        )
+        message = customer_message(text, sender, at=self.clock(), **extra)
+        message.thread_key = key or sender
         await self.pipeline.accept(message)
         return message
 
