@@ -77,9 +77,10 @@ from router import config as configuration
 from router import triage
 from router.acks import Templates
 from router.conversations import start
-from router.model import Direction, Kind, Message, Party, new_id, utcnow
+from router.model import Message, utcnow
 from router.pipeline import CLAIM_BATCH, Pipeline
 from router.store.redis import RedisStore
+from tests.conftest import customer_message as desk_message
 
 WORKERS = 4
 POPULATE_BATCH = 2000
@@ -238,18 +239,8 @@ async def raw_loop(url: str, count: int, batch: int = CLAIM_BATCH) -> tuple[floa
 
 
 def customer_message(number: int) -> Message:
-    return Message(
-        id=new_id("m"),
-        channel="web",
-        channel_type="webhook",
-        direction=Direction.IN,
-        kind=Kind.CUSTOMER,
-        external_id=f"bench-{uuid.uuid4().hex}",
-        sender=Party(id=f"cust-{number % 500:04d}"),
-        text="What are the withdrawal fees for USDT on the TRC20 network?",
-        received_at=utcnow(),
-        thread_key=f"cust-{number % 500:04d}",
-    )
+    sender = f"cust-{number % 500:04d}"
+    return desk_message("What are the withdrawal fees for USDT on the TRC20 network?", sender)
 
 
 async def pipeline_loop(url: str, config_path: Path, count: int) -> tuple[float, float]:
