@@ -54,18 +54,13 @@ async def assign(store: Store, settings: Settings, conversation: Conversation) -
         agent = await pick_agent(store, team)
         if agent is None:
             return conversation
-        claimed = await store.claim_conversation(conversation.id, agent, expected=None)
-        if claimed is None:
-            break
-        # An agent set away (or removed) hands back their conversations after
-        # the change; one claimed for them after that hand-back looked would
-        # stay with someone who is gone, so it goes back and is picked again.
-        current = await store.get_agent(agent)
-        if current is not None and current.presence is Presence.AVAILABLE:
+        # `available`: the agent may have been set away since the pick, and
+        # their hand-back of conversations may have looked already.
+        claimed = await store.claim_conversation(conversation.id, agent, expected=None, available=True)
+        if claimed is not None:
             log.debug("assigned %s to %s", conversation.ref, agent)
             return claimed
-        released = await store.claim_conversation(conversation.id, None, agent)
-        if released is None:
-            break
-        conversation = released
-    return await store.get_conversation(conversation.id) or conversation
+        conversation = await store.get_conversation(conversation.id) or conversation
+        if conversation.assignee is not None:  # someone else assigned it meanwhile
+            return conversation
+    return conversation

@@ -530,6 +530,24 @@ async def test_claim_conversation_is_a_compare_and_set(store: Store) -> None:
         await store.claim_conversation("c_unknown", "ann", None)
 
 
+async def test_a_claim_for_an_available_agent_refuses_one_away_or_gone(store: Store) -> None:
+    """Assignment claims with `available`: an agent set away between the pick
+    and the claim has had their conversations handed back already."""
+    conversation = (await ingest(store, "e1")).conversation
+    await store.add_agent(Agent("ann", ["support"], token_hash="hash-1"))
+    await store.add_agent(Agent("bob", ["support"], token_hash="hash-2"))
+    await store.set_presence("ann", Presence.AWAY)
+    assert await store.claim_conversation(conversation.id, "ann", None, available=True) is None
+    assert await store.claim_conversation(conversation.id, "zed", None, available=True) is None
+    stored = await store.get_conversation(conversation.id)
+    assert stored is not None and stored.assignee is None
+    claimed = await store.claim_conversation(conversation.id, "bob", None, available=True)
+    assert claimed is not None and claimed.assignee == "bob"
+    # A manual assignment (an admin's choice) is not bound by presence.
+    manual = await store.claim_conversation(conversation.id, "ann", "bob")
+    assert manual is not None and manual.assignee == "ann"
+
+
 async def conversation_with(
     store: Store, name: str, urgency: Urgency, due: timedelta | None, created: timedelta
 ) -> Conversation:

@@ -121,10 +121,13 @@ class Store(Protocol):
         first_response_due); raises NotFound."""
 
     async def claim_conversation(
-        self, conversation_id: str, agent: str | None, expected: str | None
+        self, conversation_id: str, agent: str | None, expected: str | None, *, available: bool = False
     ) -> Conversation | None:
-        """Compare-and-set the assignee: only when it is still `expected`.
-        Returns the updated conversation, or None when someone else won;
+        """Compare-and-set the assignee: only when it is still `expected`
+        and, with `available`, only while `agent` exists and is available (in
+        the same atomic step: an agent set away meanwhile has had their
+        conversations handed back already, and must not get one after).
+        Returns the updated conversation, or None when either check failed;
         raises NotFound."""
 
     async def list_conversations(self, query: InboxQuery) -> Page:

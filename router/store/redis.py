@@ -210,10 +210,15 @@ class RedisStore(RedisQueues, RedisCheckpoints):
         return load_conversation_json(found)
 
     async def claim_conversation(
-        self, conversation_id: str, agent: str | None, expected: str | None
+        self, conversation_id: str, agent: str | None, expected: str | None, *, available: bool = False
     ) -> Conversation | None:
         reply = await self._run(
-            self._claim_conversation, conversation_id, agent or "", expected or "", dumps(agent)
+            self._claim_conversation,
+            conversation_id,
+            agent or "",
+            expected or "",
+            dumps(agent),
+            Presence.AVAILABLE.value if available else "",
         )
         if reply is None:
             raise NotFound(f"no conversation {conversation_id!r}")

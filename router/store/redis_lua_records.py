@@ -136,7 +136,8 @@ return conversation_json(c)
 """
 )
 
-# ARGV: P, id, agent or '', expected or '', agent JSON -> nil unknown, {0} lost, {1, conversation JSON}
+# ARGV: P, id, agent or '', expected or '', agent JSON, presence the agent must have or ''
+# -> nil unknown, {0} lost, {1, conversation JSON}
 CLAIM_CONVERSATION = (
     COMMON
     + INDEX
@@ -144,6 +145,7 @@ CLAIM_CONVERSATION = (
 local c = P .. ':c:' .. ARGV[2]
 if redis.call('EXISTS', c) == 0 then return false end
 if redis.call('HGET', c, '_a') ~= ARGV[4] then return {0} end
+if ARGV[6] ~= '' and redis.call('HGET', P .. ':presence', ARGV[3]) ~= ARGV[6] then return {0} end
 unindex(c, ARGV[2])
 redis.call('HSET', c, 'assignee', ARGV[5], '_a', ARGV[3])
 index(c, ARGV[2])

@@ -106,9 +106,11 @@ class SQLiteStore(SQLiteQueues, SQLiteLeases, SQLiteCheckpoints):
         return await self._db.write(lambda db: _update_conversation(db, conversation_id, changes))
 
     async def claim_conversation(
-        self, conversation_id: str, agent: str | None, expected: str | None
+        self, conversation_id: str, agent: str | None, expected: str | None, *, available: bool = False
     ) -> Conversation | None:
-        return await self._db.write(lambda db: _claim_conversation(db, conversation_id, agent, expected))
+        return await self._db.write(
+            lambda db: _claim_conversation(db, conversation_id, agent, expected, available)
+        )
 
     async def list_conversations(self, query: InboxQuery) -> Page:
         """Keyset paging: the cursor is the sort key of the last row served, so
@@ -290,11 +292,15 @@ def _update_conversation(
 
 
 def _claim_conversation(
-    db: sqlite3.Connection, conversation_id: str, agent: str | None, expected: str | None
+    db: sqlite3.Connection, conversation_id: str, agent: str | None, expected: str | None, available: bool
 ) -> Conversation | None:
     current, stored = conversation_in(db, conversation_id)
     if current.assignee != expected:
         return None
+    if available:
+        row = fetch_one(db, "SELECT token_hash, data FROM agents WHERE name = ?", (agent,))
+        if row is None or load_agent(*row).presence is not Presence.AVAILABLE:
+            return None
     claimed = current.copy(assignee=agent)
     save_conversation(db, claimed, stored)
     return claimed
