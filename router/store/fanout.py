@@ -50,6 +50,14 @@ async def wait_for_work(
             await asyncio.wait_for(ticket.wait(), min(remaining, POLL_S))
 
 
+def put_dropping_oldest(queue: asyncio.Queue[T], item: T) -> None:
+    """For a reader that may fall behind: a full queue loses its oldest item,
+    and the writer never waits."""
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)
+
+
 class EventHub:
     """Fans events out to subscribers' bounded queues. A subscriber that falls
     behind loses its oldest events; a publisher never waits for anyone."""
@@ -66,9 +74,7 @@ class EventHub:
 
     def publish(self, event: Event) -> None:
         for queue in list(self._queues):
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(event)
+            put_dropping_oldest(queue, event)
 
     def subscribe(self) -> AsyncGenerator[Event, None]:
         """Registers now, not at the first `__anext__`, so no event published

@@ -14,6 +14,7 @@ from aiohttp import web
 from router import agents
 from router.errors import BadInbound
 from router.model import Agent, Event, InboxQuery, Message, Presence, Role, Status, Urgency
+from router.store.fanout import put_dropping_oldest
 from router.web import inbox
 from router.web.app import SERVICES, whole_number
 
@@ -225,9 +226,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         # of the daemon keeping every one.
         subscription = services.store.subscribe()
         async for event in subscription:
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(event)
+            put_dropping_oldest(queue, event)
 
     pumping = asyncio.create_task(pump())
     stopping = asyncio.create_task(services.stopping.wait())
