@@ -92,13 +92,17 @@ class Pipeline:
             async with self._claiming:
                 if stop.is_set():
                     return
-                batch = await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s=0.5)
+                batch = await self._claim(consumer, block_s=0.5)
             await self._process(batch)
 
     async def drain(self) -> None:
         """Handle everything queued, then return: deterministic tests."""
-        while batch := await self.store.claim_inbound("drain", CLAIM_BATCH, VISIBILITY_S):
+        while batch := await self._claim("drain", block_s=0):
             await self._process(batch)
+
+    async def _claim(self, consumer: str, block_s: float) -> list[Message]:
+        attempts = self.settings.pipeline.max_attempts
+        return await self.store.claim_inbound(consumer, CLAIM_BATCH, VISIBILITY_S, block_s, attempts)
 
     async def _process(self, batch: list[Message]) -> None:
         """Handle a claimed batch, then take the handled messages off the queue

@@ -160,3 +160,41 @@ async def test_a_crash_while_an_edit_escalates_still_tightens_the_deadline(tmp_p
         assert conversation.assignee == "sec1"
 
     assert await every_crash_point(tmp_path, prepare, check) > 2
+
+
+class KilledByOneMessage(Pipeline):
+    """The process dies whenever it handles a message saying "segfault"
+    (a C library's crash, the OOM killer): no exception to catch."""
+
+    async def handle(self, message: Message, threaded: Any = None) -> Conversation:
+        if "segfault" in message.text:
+            raise Crash(message.id)
+        return await super().handle(message, threaded)
+
+
+async def test_a_message_that_kills_the_process_is_dead_lettered_and_the_desk_goes_on(tmp_path: Path) -> None:
+    config = configuration.load(str(write_config(tmp_path, None)))
+    store = CrashingStore(config.settings.store.url)
+    await store.open()
+    try:
+        site = Site(store, KilledByOneMessage(store, config, RULES, Templates(None), Clock()), Clock())
+        killer = await site.queue("someone withdrew all my BTC, the app shows segfault", sender="u-1")
+        others = [await site.queue(f"what is the fee for order {i}?", sender=f"u-{i}") for i in (2, 3)]
+        crashes, attempts = 0, config.settings.pipeline.max_attempts
+        while True:
+            try:
+                await site.pipeline.drain()
+                break
+            except Crash:
+                crashes += 1
+                assert crashes <= attempts, "the same message keeps killing the desk"
+        assert crashes == attempts
+        [dead] = await store.list_dead_letters()
+        assert dead.message_id == killer.id and "never finished" in dead.error
+        by_customer = {c.customer.id: c for c in await site.conversations()}
+        for sender, message in zip(("u-2", "u-3"), others, strict=True):
+            conversation = by_customer[sender]
+            [customer, ack] = await store.conversation_messages(conversation.id)
+            assert (customer.id, ack.kind) == (message.id, Kind.ACK)
+    finally:
+        await store.close()

@@ -29,6 +29,9 @@ from router.model import (
     Threaded,
 )
 
+UNFINISHED_ERROR = "handling never finished in %d attempts: the process died or stalled on it"
+"""The dead letter's error (%-format, Lua's too) for a message whose handling never ended."""
+
 
 class Store(Protocol):
     display_url: str
@@ -53,14 +56,20 @@ class Store(Protocol):
         `duplicate=True`, and queues nothing."""
 
     async def claim_inbound(
-        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
+        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0, max_attempts: int = 5
     ) -> list[Message]:
         """Take up to `limit` queued messages, most urgent first, then oldest.
 
         Claimed messages are invisible to other consumers for `visibility_s`;
         if not completed by then they are handed out again. The claiming
         consumer gets its unfinished ones back at once, so a worker restarted
-        under the same name resumes its work without waiting that long."""
+        under the same name resumes its work without waiting that long.
+
+        Every hand-out counts as an attempt. A message handed out before and
+        neither completed nor failed may be what killed its worker (a crash
+        `fail_inbound` never saw), so it is handed out alone, never with
+        messages that would die with it; once it has had `max_attempts` it
+        goes to the dead letters instead, and the queue flows on."""
 
     async def complete_inbound(self, message_ids: list[str]) -> None:
         """Remove handled messages from the queue, in one step: a worker

@@ -3,7 +3,7 @@
 A message lives in the hash `P:m:<id>`: `d` its JSON, `s` its sequence
 number, `c` its conversation, `ch` its channel, and while it is queued
 inbound `r` (urgency rank) and `q` (its entry in the stream `P:in:<r>`),
-`a` failed attempts; outbound ones keep their delivery in `dl` and the
+`a` hand-outs (attempts); outbound ones keep their delivery in `dl` and the
 consumer holding a claim in `ow`.
 
 Inbound claims use the consumer group's pending entries list. A claim sets
@@ -74,66 +74,88 @@ return {ARGV[3], false, 1}
 """
 )
 
-# ARGV: P, consumer, limit, visibility ms, RECLAIM ms, sleeper, sleep ms -> message hashes
+# ARGV: P, consumer, limit, visibility ms, RECLAIM ms, sleeper, sleep ms,
+# max attempts, dead id prefix, created_at, unfinished error format -> message hashes.
+# An entry pending for its consumer or idle past RECLAIM was handed out and
+# never finished: it goes alone (or to the dead letters), see Store.claim_inbound.
 CLAIM_INBOUND = (
     COMMON
     + """
 local consumer, limit = ARGV[2], tonumber(ARGV[3])
 local hold_idle = math.max(0, tonumber(ARGV[5]) - tonumber(ARGV[4]))
-local function older(a, b)
-  local am, as = string.match(a, '^(%d+)-(%d+)$')
-  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
-  if tonumber(am) ~= tonumber(bm) then return tonumber(am) < tonumber(bm) end
-  return tonumber(as) < tonumber(bs)
-end
+local max_attempts, dead = tonumber(ARGV[8]), 0
 local out = {}
-for rank = 0, 3 do
-  local need = limit - #out
-  if need <= 0 then break end
-  local stream = P .. ':in:' .. rank
-  local ids, seen = {}, {}
-  for _, p in ipairs(redis.call('XPENDING', stream, GROUP, '-', '+', need, consumer)) do
-    ids[#ids + 1] = p[1]
-    seen[p[1]] = true
-  end
-  local cursor = '0-0'
-  while #ids < need do
-    local r = redis.call('XAUTOCLAIM', stream, GROUP, consumer, ARGV[5], cursor,
-      'COUNT', need - #ids, 'JUSTID')
-    for _, id in ipairs(r[2]) do
-      if not seen[id] then
-        ids[#ids + 1] = id
-        seen[id] = true
-      end
-    end
-    cursor = r[1]
-    if cursor == '0-0' then break end
-  end
-  table.sort(ids, older)
-  if #ids < need then
-    local r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', need - #ids, 'STREAMS', stream, '>')
-    if r then
-      for _, entry in ipairs(r[1][2]) do ids[#ids + 1] = entry[1] end
-    end
-  end
-  if #ids > 0 then
-    local args = {'XCLAIM', stream, GROUP, consumer, 0}
-    for _, id in ipairs(ids) do args[#args + 1] = id end
-    args[#args + 1] = 'IDLE'
-    args[#args + 1] = hold_idle
-    args[#args + 1] = 'JUSTID'
-    redis.call(unpack(args))
-  end
+local function drop(stream, id)
+  redis.call('XACK', stream, GROUP, id)
+  redis.call('XDEL', stream, id)
+end
+local function take(stream, ids)
+  local args = {'XCLAIM', stream, GROUP, consumer, 0}
+  for _, id in ipairs(ids) do args[#args + 1] = id end
+  args[#args + 1] = 'IDLE'
+  args[#args + 1] = hold_idle
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
   for _, id in ipairs(ids) do
     local entry = redis.call('XRANGE', stream, id, id)
-    local data = entry[1] and redis.call('HGETALL', P .. ':m:' .. entry[1][2][2])
-    if data and #data > 0 then
-      out[#out + 1] = data
+    local m = entry[1] and P .. ':m:' .. entry[1][2][2]
+    if m and redis.call('EXISTS', m) == 1 then
+      redis.call('HINCRBY', m, 'a', 1)
+      out[#out + 1] = redis.call('HGETALL', m)
     else
-      redis.call('XACK', stream, GROUP, id)
-      redis.call('XDEL', stream, id)
+      drop(stream, id)
     end
   end
+end
+-- true once `id` is handed out alone; false when it was dead-lettered or gone
+local function unfinished(stream, id)
+  local entry = redis.call('XRANGE', stream, id, id)
+  local mid = entry[1] and entry[1][2][2]
+  local f = mid and redis.call('HMGET', P .. ':m:' .. mid, 'a', 'd', 'ch')
+  if not (f and f[2]) then
+    drop(stream, id)
+    return false
+  end
+  local attempts = tonumber(f[1] or '0')
+  if attempts >= max_attempts then
+    drop(stream, id)
+    redis.call('HDEL', P .. ':m:' .. mid, 'q')
+    dead = dead + 1
+    add_dead(ARGV[9] .. dead, f[3], f[2], string.format(ARGV[11], attempts), attempts, ARGV[10], mid)
+    return false
+  end
+  take(stream, {id})
+  return true
+end
+-- fills `out` from one stream; true when nothing may follow
+local function claim_from(stream, need)
+  local mine = redis.call('XPENDING', stream, GROUP, '-', '+', 100, consumer)
+  if #out > 0 then
+    if #mine > 0 or #redis.call('XPENDING', stream, GROUP, 'IDLE', ARGV[5], '-', '+', 1) > 0 then return true end
+  else
+    for _, p in ipairs(mine) do
+      if unfinished(stream, p[1]) then return true end
+    end
+    local cursor = '0-0'
+    repeat
+      local r = redis.call('XAUTOCLAIM', stream, GROUP, consumer, ARGV[5], cursor, 'COUNT', 1, 'JUSTID')
+      cursor = r[1]
+      for _, id in ipairs(r[2]) do
+        if unfinished(stream, id) then return true end
+      end
+    until cursor == '0-0' or dead >= 100
+  end
+  local r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', need, 'STREAMS', stream, '>')
+  if r then
+    local ids = {}
+    for _, entry in ipairs(r[1][2]) do ids[#ids + 1] = entry[1] end
+    take(stream, ids)
+  end
+  return false
+end
+for rank = 0, 3 do
+  local need = limit - #out
+  if need <= 0 or claim_from(P .. ':in:' .. rank, need) then break end
 end
 sleep('in', ARGV[6], #out, tonumber(ARGV[7]))
 return out
@@ -168,7 +190,7 @@ if not f[1] then return -1 end
 local stream = P .. ':in:' .. f[2]
 redis.call('XACK', stream, GROUP, f[1])
 redis.call('XDEL', stream, f[1])
-local attempts = redis.call('HINCRBY', m, 'a', 1)
+local attempts = tonumber(redis.call('HGET', m, 'a') or '0')
 if attempts >= tonumber(ARGV[4]) then
   redis.call('HDEL', m, 'q')
   add_dead(ARGV[5], f[4], f[3], ARGV[3], attempts, ARGV[6], ARGV[2])

@@ -30,6 +30,7 @@ from router.model import (
     new_id,
     utcnow,
 )
+from router.store import UNFINISHED_ERROR
 from router.store.batching import GroupCommit
 from router.store.fanout import wait_for_work
 from router.store.redis_codec import (
@@ -176,13 +177,16 @@ class RedisQueues:
         return outcomes
 
     async def claim_inbound(
-        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
+        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0, max_attempts: int = 5
     ) -> list[Message]:
         visibility_ms = min(RECLAIM_MS, max(1, int(visibility_s * 1000)))
 
         async def attempt(elapsed_s: float) -> list[Message]:
             sleep_ms = int(max(0.0, block_s - elapsed_s) * 1000)
-            args = [consumer, limit, visibility_ms, RECLAIM_MS, f"{self._sleeper}:{consumer}", sleep_ms]
+            args = [
+                *(consumer, limit, visibility_ms, RECLAIM_MS, f"{self._sleeper}:{consumer}", sleep_ms),
+                *(max_attempts, new_id("dl"), format_time(utcnow()), UNFINISHED_ERROR),
+            ]
             try:
                 found = await self._run(self._claim_in, *args)
             except StoreError as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from router.errors import StoreError
 from router.model import Accepted, DeadLetter, Message, format_time, new_id, utcnow
+from router.store import UNFINISHED_ERROR
 from router.store.batching import GroupCommit
 from router.store.fanout import Signal, wait_for_work
 from router.store.sqlite_db import Row, SQLiteDatabase, fetch_one
@@ -31,6 +32,14 @@ from router.store.sqlite_schema import (
 
 MAX_BATCH = 500
 """Enqueues per group commit; also bounds the parameters of one lookup."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    consumer: str
+    limit: int
+    visibility_s: float
+    max_attempts: int
 
 
 @dataclass(slots=True)
@@ -77,11 +86,13 @@ class SQLiteQueues(SQLiteOutbox):
         return outcomes
 
     async def claim_inbound(
-        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0
+        self, consumer: str, limit: int, visibility_s: float, block_s: float = 0, max_attempts: int = 5
     ) -> list[Message]:
+        claim = _Claim(consumer, limit, visibility_s, max_attempts)
+
         async def attempt(_elapsed_s: float) -> list[Message]:
             now = time.time()
-            rows = await self._db.write(lambda db: _claim_inbound(db, consumer, limit, now, visibility_s))
+            rows = await self._db.write(lambda db: _claim_inbound(db, claim, now))
             # Decoded here: the writer's thread is what every write queues for.
             return [load_message(seq, data) for seq, data in rows]
 
@@ -168,20 +179,32 @@ def _known_inbound(
     return known
 
 
-def _claim_inbound(
-    db: sqlite3.Connection, consumer: str, limit: int, now: float, visibility_s: float
-) -> list[Row]:
-    """(seq, data) of the claimed messages."""
-    rows: list[Row] = db.execute(
-        "SELECT q.seq, m.data FROM inbound_queue q JOIN messages m ON m.seq = q.seq"
+def _claim_inbound(db: sqlite3.Connection, claim: _Claim, now: float) -> list[Row]:
+    """(seq, data) of the claimed messages. A row with a consumer was handed
+    out and never finished (a failure clears the consumer): it goes alone,
+    or to the dead letters once it has had its attempts."""
+    rows = db.execute(
+        "SELECT q.seq, m.data, q.consumer IS NOT NULL, q.attempts, m.channel, m.id"
+        " FROM inbound_queue q JOIN messages m ON m.seq = q.seq"
         " WHERE q.visible_at <= ? OR q.consumer = ? ORDER BY q.priority, q.seq LIMIT ?",
-        (now, consumer, limit),
+        (now, claim.consumer, claim.limit),
     ).fetchall()
+    taken: list[Row] = []
+    for seq, data, unfinished, attempts, channel, message_id in rows:
+        if unfinished and taken:
+            break
+        if unfinished and attempts >= claim.max_attempts:
+            db.execute("DELETE FROM inbound_queue WHERE seq = ?", (seq,))
+            _add_dead_letter(db, channel, data, UNFINISHED_ERROR % attempts, attempts, message_id)
+            continue
+        taken.append((seq, data))
+        if unfinished:
+            break
     db.executemany(
-        "UPDATE inbound_queue SET visible_at = ?, consumer = ? WHERE seq = ?",
-        [(now + visibility_s, consumer, seq) for seq, _ in rows],
+        "UPDATE inbound_queue SET visible_at = ?, consumer = ?, attempts = attempts + 1 WHERE seq = ?",
+        [(now + claim.visibility_s, claim.consumer, seq) for seq, _ in taken],
     )
-    return rows
+    return taken
 
 
 def _complete_inbound(db: sqlite3.Connection, message_ids: list[str]) -> None:
@@ -195,7 +218,7 @@ def _fail_inbound(db: sqlite3.Connection, message_id: str, error: str, max_attem
     """Dead-lettered or not; None for a message not in the queue."""
     row = fetch_one(
         db,
-        "SELECT q.seq, q.attempts + 1, m.channel, m.data FROM inbound_queue q"
+        "SELECT q.seq, q.attempts, m.channel, m.data FROM inbound_queue q"
         " JOIN messages m ON m.seq = q.seq WHERE m.id = ?",
         (message_id,),
     )
@@ -206,10 +229,7 @@ def _fail_inbound(db: sqlite3.Connection, message_id: str, error: str, max_attem
         db.execute("DELETE FROM inbound_queue WHERE seq = ?", (seq,))
         _add_dead_letter(db, channel, payload, error, attempts, message_id)
         return True
-    db.execute(
-        "UPDATE inbound_queue SET attempts = ?, visible_at = 0, consumer = NULL WHERE seq = ?",
-        (attempts, seq),
-    )
+    db.execute("UPDATE inbound_queue SET visible_at = 0, consumer = NULL WHERE seq = ?", (seq,))
     return False
 
 
