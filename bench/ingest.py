@@ -5,6 +5,8 @@
 In one run, on free loopback ports (127.0.0.1 only):
 
 1. baseline: bench/bare_handler.py in its own process (HMAC check, 202);
+   then the same with `--triage`, the floor: the router's own parse and
+   triage of each message, nothing stored;
 2. support-router: `python -m router run -c <tmp>/router.toml` with SQLite in
    a temp dir and a pull-mode webhook channel `web` (no outbound HTTP);
 3. throughput: the same closed-loop generator (aiohttp, keep-alive, C
@@ -548,20 +550,25 @@ async def idle() -> None:
     await asyncio.sleep(0.2)
 
 
-async def bare_phase(tmp: Path, args: argparse.Namespace, secret: str) -> Load:
+async def baseline_phase(tmp: Path, args: argparse.Namespace, secret: str, triaged: bool) -> Load:
     port = free_port()
-    command = [str(REPO / "bench" / "bare_handler.py"), "--port", str(port)]
-    server = spawn("bare", command, tmp, port, child_env(BENCH_SECRET=secret))
+    name = "floor" if triaged else "bare"
+    flags = ["--triage"] if triaged else []
+    command = [str(REPO / "bench" / "bare_handler.py"), "--port", str(port), *flags]
+    server = spawn(name, command, tmp, port, child_env(BENCH_SECRET=secret))
     try:
         async with aiohttp.ClientSession() as http:
             await wait_ready(http, server)
-        _, load = await throughput(server, args, secret, "bare", idle)
+        _, load = await throughput(server, args, secret, name, idle)
         rss, _ = rss_mib(server.proc.pid)
     finally:
         stop(server)
-    print("\n[1] baseline: bare aiohttp, HMAC check -> 202 (own process)")
+    if triaged:
+        print("\n[1b] floor: the same plus the router's own parse and triage of each message; nothing stored")
+    else:
+        print("\n[1] baseline: bare aiohttp, HMAC check -> 202 (own process)")
     print(f"  {describe(load)}")
-    print(f"  baseline RSS {rss:.1f} MiB")
+    print(f"  RSS {rss:.1f} MiB")
     return load
 
 
@@ -573,7 +580,9 @@ class RouterRun:
     accepted: list[str] = field(default_factory=list)
 
 
-async def router_throughput(run: RouterRun, args: argparse.Namespace, secret: str, bare: Load) -> None:
+async def router_throughput(
+    run: RouterRun, args: argparse.Namespace, secret: str, bare: Load, floor: Load
+) -> None:
     async with aiohttp.ClientSession() as http:
         warm, load = await throughput(
             run.server, args, secret, "thr", lambda: wait_drained(http, run.server.base)
@@ -586,7 +595,7 @@ async def router_throughput(run: RouterRun, args: argparse.Namespace, secret: st
     print("\n[2] support-router: python -m router run (SQLite in a temp dir, pull-mode webhook `web`)")
     print(f"  {describe(load)}")
     ratio = load.rate() / bare.rate() if bare.rate() else float("nan")
-    print(f"  ratio ours/bare: {ratio:.2f} (goal >= 0.5)")
+    print(f"  ratio ours/bare: {ratio:.2f} (goal >= 0.5); ours/floor: {load.rate() / floor.rate():.2f}")
     cost = bare.server_cpu_per_answer() / load.server_cpu_per_answer()
     print(f"  server CPU per answer, bare/ours: {cost:.2f} (the same ratio, free of the generator's share)")
     if drained is None:
@@ -641,7 +650,7 @@ async def cross_check(run: RouterRun) -> None:
     )
 
 
-async def router_phases(tmp: Path, args: argparse.Namespace, secret: str, bare: Load) -> None:
+async def router_phases(tmp: Path, args: argparse.Namespace, secret: str, bare: Load, floor: Load) -> None:
     port = free_port()
     config = write_config(tmp, port, secret)
     server = spawn("router", ["-m", "router", "run", "-c", str(config)], tmp, port, child_env())
@@ -651,7 +660,7 @@ async def router_phases(tmp: Path, args: argparse.Namespace, secret: str, bare: 
             await wait_ready(http, server)
             run = RouterRun(server, await admin_token(server), watch)
             await watch.connect(http, f"{server.base}/api/v1/events", run.token)
-            await router_throughput(run, args, secret, bare)
+            await router_throughput(run, args, secret, bare, floor)
             await visibility_phase(run, args, secret)
             await cross_check(run)
             await watch.stop()
@@ -679,8 +688,11 @@ async def main_async(args: argparse.Namespace) -> None:
     secret = secrets.token_urlsafe(24)
     with tempfile.TemporaryDirectory(prefix="router-bench-") as name:
         tmp = Path(name)
-        bare = await bare_phase(tmp, args, secret)
-        await router_phases(tmp, args, secret, bare)
+        bare = await baseline_phase(tmp, args, secret, triaged=False)
+        floor = await baseline_phase(tmp, args, secret, triaged=True)
+        reach = floor.rate() / bare.rate()
+        print(f"  floor/bare: {reach:.2f} (the most a router that triages at the door can reach)")
+        await router_phases(tmp, args, secret, bare, floor)
 
 
 def positive(kind: Callable[[str], float]) -> Callable[[str], float]:

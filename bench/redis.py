@@ -6,6 +6,8 @@
 In one run, against a redis-server it starts in a temp dir on a free loopback
 port (appendonly yes, appendfsync everysec, as docker-compose.yml runs it):
 
+0. the floor (bench/bare_handler.py --triage): HMAC check, the router's own
+   parse and triage, 202, nothing stored: what no daemon can beat here;
 1. one daemon (`python -m router run`, store `redis://...`): closed-loop
    webhook throughput (msg/s, p50/p99 to the 202), then a paced R msg/s for
    S s: POST start -> `message.created` on GET /api/v1/events (visible in
@@ -54,6 +56,7 @@ from bench.ingest import (
     Load,
     Server,
     admin_token,
+    baseline_phase,
     build_requests,
     cancel_on_signals,
     child_env,
@@ -148,7 +151,9 @@ async def spread_closed_loop(urls: list[str], reqs: list, concurrency: int) -> L
     return load
 
 
-async def scale_phase(tmp: Path, url: str, args: argparse.Namespace, count: int, label: str) -> None:
+async def scale_phase(
+    tmp: Path, url: str, args: argparse.Namespace, count: int, label: str, floor: Load
+) -> None:
     secret = secrets.token_urlsafe(24)
     servers, token = await start_daemons(tmp, url, secret, count)
     urls = [f"{server.base}/channels/web/inbound" for server in servers]
@@ -172,7 +177,7 @@ async def scale_phase(tmp: Path, url: str, args: argparse.Namespace, count: int,
             stop(server)
     print(f"\n[{count}] {count} daemon process(es) on one Redis, requests alternating between them")
     print(f"  {describe(load)}")
-    print("  (CPU: 'server' is the first daemon only)")
+    print(f"  (CPU: 'server' is the first daemon only); ours/floor: {load.rate() / floor.rate():.2f}")
     handled = "not drained" if drained is None else f"pipeline drained {drained:.2f} s after the last 202"
     print(f"  {handled}")
     print(f"  {visible}")
@@ -343,8 +348,11 @@ async def main_async(args: argparse.Namespace) -> None:
         with redis_server(tmp) as port:
             redis_url = f"redis://127.0.0.1:{port}/0"
             await redis_ready(redis_url)
+            floor = await baseline_phase(tmp, args, secrets.token_urlsafe(24), triaged=True)
+            print("  (the goal is >= 3,000 msg/s into the inbox with one daemon)")
             for count in (1, 2):
-                await scale_phase(tmp, f"{redis_url}?prefix=bench-scale{count}", args, count, f"s{count}")
+                url = f"{redis_url}?prefix=bench-scale{count}"
+                await scale_phase(tmp, url, args, count, f"s{count}", floor)
             await pipeline_phase(tmp, redis_url, args)
             await rss_phase(tmp, redis_url, args)
 
