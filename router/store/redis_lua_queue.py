@@ -131,7 +131,8 @@ end
 local function claim_from(stream, need)
   local mine = redis.call('XPENDING', stream, GROUP, '-', '+', 100, consumer)
   if #out > 0 then
-    if #mine > 0 or #redis.call('XPENDING', stream, GROUP, 'IDLE', ARGV[5], '-', '+', 1) > 0 then return true end
+    local expired = redis.call('XPENDING', stream, GROUP, 'IDLE', ARGV[5], '-', '+', 1)
+    if #mine > 0 or #expired > 0 then return true end
   else
     for _, p in ipairs(mine) do
       if unfinished(stream, p[1]) then return true end
