@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 BASE_DELAY_S = 1.0
 CLAIM_BATCH = 32
 VISIBILITY_S = 120.0
+RETRY_AFTER_MAX = timedelta(days=1)
+"""The longest Retry-After honoured: a receiver's (or its proxy's) figure is
+not trusted past the calendar, and a customer's reply is worth another try
+within a day whatever it said."""
 
 
 class Outbox:
@@ -96,5 +100,5 @@ class Outbox:
             return Delivery(DeliveryStatus.DEAD, attempts, exc.reason)
         delay = self.backoff(attempts)
         if exc.retry_after_s is not None:
-            delay = max(delay, timedelta(seconds=exc.retry_after_s))
+            delay = max(delay, timedelta(seconds=min(exc.retry_after_s, RETRY_AFTER_MAX.total_seconds())))
         return Delivery(DeliveryStatus.QUEUED, attempts, exc.reason, self.clock() + delay)
