@@ -130,9 +130,10 @@ async def cmd_agents(args: argparse.Namespace, config: Config) -> int:
         elif args.action == "token":
             print(f"new API token for {args.name} (shown once): {await agents.rotate(store, args.name)}")
         elif args.action == "remove":
-            if not await store.remove_agent(args.name):
-                raise RouterError(f"no agent {args.name!r}")
-            print(f"agent {args.name} removed")
+            from router.desk import Desk
+
+            moved = await Desk(store, config).remove_agent(args.name)
+            print(f"agent {args.name} removed" + (f"; reassigned {len(moved)}" if moved else ""))
         elif args.action == "presence":
             from router.desk import Desk
 

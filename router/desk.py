@@ -113,6 +113,20 @@ class Desk:
         await self.store.set_presence(name, presence)
         if presence is Presence.AVAILABLE:
             return []
+        return await self._hand_back(name, unanswered_only=True)
+
+    async def remove_agent(self, name: str) -> list[Conversation]:
+        """Remove the agent and hand back all their open and pending
+        conversations, answered or not: nobody can work them under that name
+        any more. Removed first, so the team strategy cannot pick them again.
+        Returns the conversations handed back; raises NotFound."""
+        if not await self.store.remove_agent(name):
+            raise NotFound(f"no agent {name!r}")
+        return await self._hand_back(name, unanswered_only=False)
+
+    async def _hand_back(self, name: str, *, unanswered_only: bool) -> list[Conversation]:
+        """Release the agent's open and pending conversations and let each
+        team's strategy assign them again."""
         moved: list[Conversation] = []
         for status in (Status.OPEN, Status.PENDING):
             cursor: str | None = None
@@ -121,7 +135,8 @@ class Desk:
                 page = await self.store.list_conversations(
                     InboxQuery(status=status, assignee=name, limit=500, cursor=cursor)
                 )
-                waiting += [c for c in page.conversations if c.first_response_at is None]
+                found = page.conversations
+                waiting += [c for c in found if not unanswered_only or c.first_response_at is None]
                 if not (cursor := page.next_cursor):
                     break
             for conversation in waiting:

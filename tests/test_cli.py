@@ -278,6 +278,24 @@ def test_agents_add_list_rotate_presence_remove(run: Run, tmp_path: Path) -> Non
     assert code == 1 and err == "error: no agent 'bob'\n"
 
 
+def test_removing_an_agent_hands_their_conversations_to_the_team(run: Run, tmp_path: Path) -> None:
+    """Nobody can answer as a removed agent: their open conversations, the
+    answered ones too, go back to the team's strategy instead of waiting on
+    a name nobody can sign in as (and that no view but "assigned" shows)."""
+    config = write_config(tmp_path, None)
+    seed(config)
+    assert run("agents", "add", "carol", "--team", "support")[0] == 0
+    assert run("reply", "T-000001", "Which network?", "--agent", "bob")[0] == 0
+
+    assert run("agents", "remove", "bob")[:2] == (0, "agent bob removed; reassigned 2\n")
+    code, out, _ = run("inbox", "--json", "--team", "support")
+    assert code == 0
+    assert {c["ref"]: c["assignee"] for c in json.loads(out)["conversations"]} == {
+        "T-000001": "carol",
+        "T-000003": "carol",
+    }
+
+
 # -- inbox and reply -------------------------------------------------------------
 
 
