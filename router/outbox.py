@@ -53,8 +53,11 @@ class Outbox:
     def backoff(self, attempts: int) -> timedelta:
         """Equal jitter: uniform in [ceiling / 2, ceiling], the ceiling being
         min(cap, base * 2^(attempts-1)). Spread out like full jitter, but a
-        failing receiver always gets at least half the backoff to recover."""
-        ceiling = min(self.backoff_max.total_seconds(), BASE_DELAY_S * 2 ** (attempts - 1))
+        failing receiver always gets at least half the backoff to recover.
+        The exponent stops growing long after the cap has won: 2 ** 1024
+        does not fit a float, and a desk may allow thousands of attempts."""
+        exponent = min(attempts - 1, 64)
+        ceiling = min(self.backoff_max.total_seconds(), BASE_DELAY_S * 2**exponent)
         return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import Running, free_socket
+from router import config as configuration
+from router.daemon import Daemon
+from router.model import Delivery, DeliveryStatus, utcnow
+from tests.conftest import Running, free_socket, write_config
 
 
 class Answering:
@@ -74,3 +79,43 @@ async def test_a_retry_after_of_ages_keeps_the_ack_queued_and_posts_it_once(
     delivery = await ack_delivery(router)
     assert (delivery["status"], delivery["attempts"]) == ("queued", 1)
     assert "503" in delivery["error"]
+
+
+async def test_a_desk_that_retries_for_weeks_keeps_counting_past_1024_attempts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answering: Answering
+) -> None:
+    """`outbox.max_attempts = 2000` (keep trying for a fortnight at the 10m
+    cap): the exponential backoff of attempt 1025 is past what a float holds.
+    Before, the outbox loop crashed there and every restart re-sent the ack
+    without counting the attempt, so the retries never ended."""
+    monkeypatch.chdir(tmp_path)
+    answering.status = 503
+    answering.headers = {"Retry-After": "60"}  # so each try shows as one POST
+    path = write_config(tmp_path, answering.url)
+    path.write_text(path.read_text().replace("max_attempts = 3", "max_attempts = 2000"))
+    daemon = Daemon(configuration.load(str(path)))
+    sock = free_socket()
+    await daemon.start(sock)
+    router = Running(daemon, f"http://127.0.0.1:{sock.getsockname()[1]}", aiohttp.ClientSession())
+    try:
+        await router.post_message({"id": "w-1", "from": {"id": "u-1"}, "text": "what is the fee?"})
+        await until(lambda: len(answering.posts) == 1)
+        ack_id = answering.posts[0]["id"]
+        for _ in range(100):
+            ack = await daemon.store.get_message(ack_id)
+            if ack and ack.delivery and ack.delivery.attempts == 1:
+                break
+            await asyncio.sleep(0.05)
+        # A week of outage later: the 1024th try failed too, the next is due.
+        await daemon.store.record_delivery(
+            ack_id, Delivery(DeliveryStatus.QUEUED, 1024, "HTTP 503", utcnow())
+        )
+        await until(lambda: len(answering.posts) == 2)
+        await asyncio.sleep(1.5)
+        assert len(answering.posts) == 2
+        ack = await daemon.store.get_message(ack_id)
+        assert ack is not None and ack.delivery is not None
+        assert (ack.delivery.status, ack.delivery.attempts) == (DeliveryStatus.QUEUED, 1025)
+    finally:
+        await router.http.close()
+        await daemon.stop()
