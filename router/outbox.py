@@ -72,8 +72,18 @@ class Outbox:
         batch = await self.store.claim_outbound(
             self.consumer, self.push, self.clock(), CLAIM_BATCH, VISIBILITY_S, block_s
         )
-        await asyncio.gather(*(self.deliver(message) for message in batch))
+        by_conversation: dict[str, list[Message]] = {}
+        for message in batch:  # oldest first, as claimed
+            by_conversation.setdefault(message.conversation_id or message.id, []).append(message)
+        await asyncio.gather(*(self._deliver_in_turn(messages) for messages in by_conversation.values()))
         return len(batch)
+
+    async def _deliver_in_turn(self, messages: list[Message]) -> None:
+        """One conversation's messages one after another, oldest first: the
+        customer reads them in the order they arrive, and a long reply's
+        pieces must not mix with the next reply's. Conversations go in parallel."""
+        for message in messages:
+            await self.deliver(message)
 
     async def deliver(self, message: Message) -> Message:
         conversation = await self.store.get_conversation(message.conversation_id or "")

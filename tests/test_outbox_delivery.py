@@ -4,6 +4,7 @@ answers do to the number of sends and to the reply's final status."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,19 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from channels.telegram import TelegramChannel, TelegramSettings
+from router import agents, triage
 from router import config as configuration
+from router.acks import Templates
 from router.daemon import Daemon
-from router.model import Delivery, DeliveryStatus, utcnow
+from router.desk import Desk
+from router.model import Delivery, DeliveryStatus, InboxQuery, Role, utcnow
+from router.outbox import Outbox
+from router.pipeline import Pipeline
+from router.store.sqlite import SQLiteStore
+from tests.botapi import TOKEN, BotAPI
 from tests.conftest import Running, free_socket, write_config
+from tests.test_telegram import telegram_config
 
 
 class Answering:
@@ -119,3 +129,57 @@ async def test_a_desk_that_retries_for_weeks_keeps_counting_past_1024_attempts(
     finally:
         await router.http.close()
         await daemon.stop()
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[BotAPI]:
+    emulator = await BotAPI().start()
+    yield emulator
+    await emulator.stop()
+
+
+async def test_replies_queued_together_reach_the_chat_whole_and_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api: BotAPI
+) -> None:
+    """Two long replies an agent queued while the outbox was busy (or the
+    daemon down) go out in one claim. Each is cut into pieces; the customer
+    must read the ack, then all of the first reply, then the second. Before,
+    the batch was sent all at once and the pieces alternated in the chat."""
+    monkeypatch.chdir(tmp_path)
+    path = write_config(tmp_path, None, telegram_config(api, "polling", "https://support.example.com"))
+    config = configuration.load(str(path))
+    store = SQLiteStore(config.settings.store.url)
+    await store.open()
+    tg = TelegramChannel("tg", TelegramSettings(token=TOKEN, api_url=api.url), tmp_path)
+    pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
+    await tg.open(pipeline.accept)
+    try:
+        api.say(BotAPI.user(101, "Ann"), "where is my withdrawal?")
+        for update in list(api.pending.values()):
+            await tg.receive(json.dumps(update).encode())
+        await pipeline.drain()
+        [conversation] = (await store.list_conversations(InboxQuery(status=None))).conversations
+        await agents.create(store, "bob", ["support"], Role.AGENT)
+        bob = await store.get_agent("bob")
+        assert bob is not None
+        desk = Desk(store, config)
+        first = "\n\n".join(f"First reply, part {n}. " + "word " * 700 for n in range(1, 4))
+        second = "\n\n".join(f"Second reply, part {n}. " + "word " * 700 for n in range(1, 4))
+        await desk.reply(conversation.ref, bob, first)
+        await desk.reply(conversation.ref, bob, second)
+
+        await Outbox(store, config, {"tg": tg}).deliver_due()
+
+        sent = api.sent_to(101)
+        assert conversation.ref in sent[0]["text"], "the ack first"
+        assert [m["text"].split(".")[0] for m in sent[1:]] == [
+            "First reply, part 1",
+            "First reply, part 2",
+            "First reply, part 3",
+            "Second reply, part 1",
+            "Second reply, part 2",
+            "Second reply, part 3",
+        ]
+    finally:
+        await tg.close()
+        await store.close()
