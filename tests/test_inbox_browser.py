@@ -371,6 +371,28 @@ async def test_sign_out_csrf_and_revoked_tokens(
     await tab.assert_harmless()
 
 
+async def test_the_closed_view_survives_a_reload(router: Running, tab: Tab) -> None:
+    """The page remembers its filters across reloads; the Closed view it
+    comes back to lists the closed conversations, not "Inbox zero"."""
+    await router.post_message({"id": "n-1", "from": {"id": "u-1", "name": "Bo"}, "text": "fees?"})
+    await router.settle()
+    _, listed = await router.api("GET", "/api/v1/conversations")
+    [done] = listed["conversations"]
+    await router.api("POST", f"/api/v1/conversations/{done['ref']}/status", {"status": "closed"})
+    page = tab.page
+    await sign_in(tab, router)
+    await page.click("button[data-dim=status][data-value=closed]")
+    await expect(row(page, done["ref"])).to_have_count(1)
+
+    await page.reload()
+    await expect(page.locator("#live")).to_have_class(re.compile(r"\bon\b"))
+    await expect(page.locator("#listtitle")).to_have_text("All · closed")
+    await expect(row(page, done["ref"])).to_have_count(1)
+    await expect(page.locator("button[data-dim=status][data-value=closed] .fcount")).to_have_text("1")
+    await expect(page.locator("#empty")).to_be_hidden()
+    await tab.assert_harmless()
+
+
 async def test_the_page_reconnects_after_the_daemon_restarts(router: Running, tab: Tab) -> None:
     page = tab.page
     await sign_in(tab, router)

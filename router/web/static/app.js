@@ -188,7 +188,8 @@
       } while (cursor && seen.size < MAX_WORKING);
     }
     for (const [id, c] of S.convs) if (c.status !== 'closed' && !seen.has(id) && !S.touched.has(id)) S.convs.delete(id);
-    if (S.closed.loaded) await loadClosed(false);
+    // Also when the page starts on the Closed view it remembered: nothing else would load it.
+    if (S.closed.loaded || S.f.status === 'closed') await loadClosed(false);
     render();
   }
 
