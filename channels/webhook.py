@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -159,8 +160,7 @@ class WebhookChannel(Channel):
         if 200 <= status < 300:
             return message.id
         if status >= 500 or status in RETRYABLE_STATUS:
-            delay = float(retry_after) if retry_after and retry_after.isdigit() else None
-            raise TemporaryFailure(f"reply_url answered HTTP {status}", delay)
+            raise TemporaryFailure(f"reply_url answered HTTP {status}", _retry_after(retry_after))
         if 300 <= status < 400:
             raise PermanentFailure(f"reply_url answered HTTP {status} (redirects are not followed)")
         raise PermanentFailure(f"reply_url answered HTTP {status}")
@@ -207,6 +207,23 @@ def _string(
     except UnicodeEncodeError:
         raise BadInbound(400, "invalid_body", f"{field}: is not valid Unicode") from None
     return value
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or, as RFC
+    9110 also allows (a receiver down for maintenance until a set time), an
+    HTTP date; None when it says neither."""
+    if not value:
+        return None
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        until = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if until.tzinfo is None:  # "-0000": RFC 5322's unknown zone; HTTP dates are GMT
+        until = until.replace(tzinfo=UTC)
+    return max(0.0, until.timestamp() - time.time())
 
 
 def _timestamp(value: Any) -> datetime:

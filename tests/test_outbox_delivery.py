@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from router import config as configuration
 from router.acks import Templates
 from router.daemon import Daemon
 from router.desk import Desk
-from router.model import Delivery, DeliveryStatus, InboxQuery, Role, utcnow
+from router.model import Delivery, DeliveryStatus, InboxQuery, Role, parse_time, utcnow
 from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
@@ -183,3 +185,20 @@ async def test_replies_queued_together_reach_the_chat_whole_and_in_order(
     finally:
         await tg.close()
         await store.close()
+
+
+async def test_a_retry_after_given_as_a_date_is_waited_for(start_daemon, answering: Answering) -> None:
+    """RFC 9110 lets Retry-After be an HTTP date ("back at 14:00" from a
+    receiver in maintenance). Before, only whole seconds were read: a date
+    was ignored and the retries ran out within minutes, the reply `dead`."""
+    answering.status = 503
+    back_at = datetime.now(UTC) + timedelta(minutes=2)
+    answering.headers = {"Retry-After": format_datetime(back_at, usegmt=True)}
+    router = await start_daemon(reply_url=answering.url)
+    await router.post_message({"id": "d-1", "from": {"id": "u-1"}, "text": "what is the fee?"})
+    await until(lambda: len(answering.posts) >= 1)
+    await asyncio.sleep(2)
+    assert len(answering.posts) == 1, "the outbox config's backoff_max is 1s; the date says 2 minutes"
+    delivery = await ack_delivery(router)
+    assert (delivery["status"], delivery["attempts"]) == ("queued", 1)
+    assert parse_time(delivery["next_attempt_at"]) >= back_at.replace(microsecond=0)
