@@ -301,43 +301,45 @@ async def test_failures_retry_then_dead_letter_and_the_queue_flows_on(store: Sto
     assert await store.fail_inbound("m_unknown", "boom", 3) is False
 
 
-async def test_a_message_whose_worker_died_comes_back_alone_then_goes_to_the_dead_letters(
+async def test_a_message_whose_worker_keeps_dying_comes_back_alone_then_goes_to_the_dead_letters(
     store: Store,
 ) -> None:
-    """A crash `fail_inbound` never saw: the worker's restart gets only the
-    first unfinished message back, so the others cannot die with it again,
-    and after its attempts that message stops taking the desk down."""
+    """Crashes `fail_inbound` never saw. After one, the batch comes back
+    whole; after a second, the worker gets one unfinished message at a time,
+    so the others cannot die with it again, and after its attempts that
+    message stops taking the desk down."""
     killer = inbound("killer", urgency=Urgency.CRITICAL)
     first, second = inbound("ext-1", thread="user-2"), inbound("ext-2", thread="user-3")
     for message in (killer, first, second):
         await store.enqueue_inbound(message)
-    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=3)] == [
-        killer.id,
-        first.id,
-        second.id,
-    ]
-    for _restart in (2, 3):
-        assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=3)] == [killer.id]
-    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=3)] == [first.id]
+    everything = [killer.id, first.id, second.id]
+    for _start in (1, 2):
+        assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=4)] == everything
+    for _restart in (3, 4):
+        assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=4)] == [killer.id]
+    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=4)] == [first.id]
     [dead] = await store.list_dead_letters()
-    assert (dead.message_id, dead.channel, dead.attempts) == (killer.id, "web", 3)
-    assert "never finished in 3 attempts" in dead.error
+    assert (dead.message_id, dead.channel, dead.attempts) == (killer.id, "web", 4)
+    assert "never finished in 4 attempts" in dead.error
     assert Message.from_dict(json.loads(dead.payload)).text == killer.text
     await store.complete_inbound([first.id])
-    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=3)] == [second.id]
+    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=4)] == [second.id]
     await store.complete_inbound([second.id])
     assert await store.inbound_backlog() == 0
     assert await store.retry_dead_letter(dead.id) is True
-    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=3)] == [killer.id]
+    assert [m.id for m in await store.claim_inbound("w", 10, 60, max_attempts=4)] == [killer.id]
 
 
-async def test_expired_claims_of_a_vanished_worker_go_to_another_one_at_a_time(store: Store) -> None:
-    """A dead daemon's claims run out; the next worker takes them one by one,
-    then queued messages in batches again."""
+async def test_expired_claims_go_to_another_worker_whole_then_one_at_a_time(store: Store) -> None:
+    """A vanished daemon's claims run out and another worker takes them
+    over as a batch; if that one vanishes too, they come one by one, then
+    queued messages in batches again."""
     claimed = [inbound(f"ext-{i}", thread=f"user-{i}") for i in range(3)]
     for message in claimed:
         await store.enqueue_inbound(message)
     assert len(await store.claim_inbound("gone", 3, 0.1)) == 3
+    await asyncio.sleep(0.3)
+    assert [m.id for m in await store.claim_inbound("gone too", 10, 0.1)] == [m.id for m in claimed]
     fresh = [inbound(f"new-{i}", thread=f"user-new-{i}") for i in range(2)]
     for message in fresh:
         await store.enqueue_inbound(message)

@@ -654,14 +654,21 @@ async def test_kill_9_mid_stream_in_polling_mode_loses_nothing_and_logs_no_token
     await feeding
     first_run_log = (tmp_path / "daemon.err").read_text()
     proc = spawn(tmp_path, port, "-c", config, "--debug")
+    expected = sorted(f"{m['chat']['id']}:{m['message_id']}" for m in said)
+    found: dict[str, tuple[list[str], int]] = {}
+
+    async def all_handled() -> bool:
+        found.update(await inbox_through_the_api(port, tmp_path))
+        return len([i for inbound, _ in found.values() for i in inbound]) >= len(expected)
+
     try:
         await wait_ready(port, proc)
         await eventually(lambda: not api.pending, "every update queued after the restart")
-        found = await inbox_through_the_api(port, tmp_path)
+        # The queue may still hold what the killed daemon had claimed: wait for the pipeline too.
+        await eventually(all_handled, "every queued message handled")
     finally:
         code, _, _, second_run_log = stop(proc, tmp_path)
     assert code == 0
-    expected = sorted(f"{m['chat']['id']}:{m['message_id']}" for m in said)
     assert sorted(i for inbound, _ in found.values() for i in inbound) == expected, "each message once"
     assert sorted(found) == sorted(str(u["id"]) for u in users)
     assert all(acks == 1 for _, acks in found.values()) and len(api.sent) == 30

@@ -29,6 +29,8 @@ from router.model import (
     Threaded,
 )
 
+SUSPECT_AFTER = 2
+"""Hand-outs without a finish after which a message goes alone (`claim_inbound`)."""
 UNFINISHED_ERROR = "handling never finished in %d attempts: the process died or stalled on it"
 """The dead letter's error (%-format, Lua's too) for a message whose handling never ended."""
 
@@ -65,11 +67,13 @@ class Store(Protocol):
         consumer gets its unfinished ones back at once, so a worker restarted
         under the same name resumes its work without waiting that long.
 
-        Every hand-out counts as an attempt. A message handed out before and
+        Every hand-out counts as an attempt. A message handed out and
         neither completed nor failed may be what killed its worker (a crash
-        `fail_inbound` never saw), so it is handed out alone, never with
-        messages that would die with it; once it has had `max_attempts` it
-        goes to the dead letters instead, and the queue flows on."""
+        `fail_inbound` never saw). After one such death its batch comes back
+        whole (a restart resumes at full speed); after SUSPECT_AFTER, each
+        of them is handed out alone, never with messages that would die with
+        it, and once it has had `max_attempts` it goes to the dead letters
+        instead, so the queue flows on."""
 
     async def complete_inbound(self, message_ids: list[str]) -> None:
         """Remove handled messages from the queue, in one step: a worker

@@ -75,15 +75,17 @@ return {ARGV[3], false, 1}
 )
 
 # ARGV: P, consumer, limit, visibility ms, RECLAIM ms, sleeper, sleep ms,
-# max attempts, dead id prefix, created_at, unfinished error format -> message hashes.
+# max attempts, dead id prefix, created_at, unfinished error format, SUSPECT_AFTER -> message hashes.
 # An entry pending for its consumer or idle past RECLAIM was handed out and
-# never finished: it goes alone (or to the dead letters), see Store.claim_inbound.
+# never finished: after SUSPECT_AFTER hand-outs it goes alone (or to the dead
+# letters), see Store.claim_inbound.
 CLAIM_INBOUND = (
     COMMON
     + """
 local consumer, limit = ARGV[2], tonumber(ARGV[3])
 local hold_idle = math.max(0, tonumber(ARGV[5]) - tonumber(ARGV[4]))
 local max_attempts, dead = tonumber(ARGV[8]), 0
+local SUSPECT = tonumber(ARGV[12])
 local out = {}
 local function drop(stream, id)
   redis.call('XACK', stream, GROUP, id)
@@ -107,50 +109,67 @@ local function take(stream, ids)
     end
   end
 end
--- true once `id` is handed out alone; false when it was dead-lettered or gone
-local function unfinished(stream, id)
+-- An entry pending for its consumer or idle past RECLAIM was handed out and
+-- never finished. Returns 'take' (into the batch), 'alone' (a suspect taken
+-- by itself: claim nothing more), 'stop' (a suspect left for the next claim)
+-- or 'skip' (gone, or dead-lettered).
+local function unfinished(stream, id, batch)
   local entry = redis.call('XRANGE', stream, id, id)
   local mid = entry[1] and entry[1][2][2]
   local f = mid and redis.call('HMGET', P .. ':m:' .. mid, 'a', 'd', 'ch')
   if not (f and f[2]) then
     drop(stream, id)
-    return false
+    return 'skip'
   end
   local attempts = tonumber(f[1] or '0')
+  if attempts < SUSPECT then return 'take' end
+  if #out + #batch > 0 then return 'stop' end
   if attempts >= max_attempts then
     drop(stream, id)
     redis.call('HDEL', P .. ':m:' .. mid, 'q')
     dead = dead + 1
     add_dead(ARGV[9] .. dead, f[3], f[2], string.format(ARGV[11], attempts), attempts, ARGV[10], mid)
-    return false
+    return 'skip'
   end
   take(stream, {id})
-  return true
+  return 'alone'
 end
 -- fills `out` from one stream; true when nothing may follow
 local function claim_from(stream, need)
-  local mine = redis.call('XPENDING', stream, GROUP, '-', '+', 100, consumer)
-  if #out > 0 then
-    local expired = redis.call('XPENDING', stream, GROUP, 'IDLE', ARGV[5], '-', '+', 1)
-    if #mine > 0 or #expired > 0 then return true end
-  else
-    for _, p in ipairs(mine) do
-      if unfinished(stream, p[1]) then return true end
-    end
-    local cursor = '0-0'
-    repeat
-      local r = redis.call('XAUTOCLAIM', stream, GROUP, consumer, ARGV[5], cursor, 'COUNT', 1, 'JUSTID')
-      cursor = r[1]
-      for _, id in ipairs(r[2]) do
-        if unfinished(stream, id) then return true end
-      end
-    until cursor == '0-0' or dead >= 100
+  local mine = redis.call('XPENDING', stream, GROUP, '-', '+', need, consumer)
+  local batch, verdict, seen = {}, nil, {}
+  local function consider(id)
+    if seen[id] then return false end
+    seen[id] = true
+    verdict = unfinished(stream, id, batch)
+    if verdict == 'take' then batch[#batch + 1] = id end
+    return verdict == 'alone' or verdict == 'stop' or #batch >= need
   end
-  local r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', need, 'STREAMS', stream, '>')
-  if r then
-    local ids = {}
-    for _, entry in ipairs(r[1][2]) do ids[#ids + 1] = entry[1] end
-    take(stream, ids)
+  local done = false
+  for _, p in ipairs(mine) do
+    done = consider(p[1])
+    if done then break end
+  end
+  local cursor = '0-0'
+  while not done do
+    local r = redis.call('XAUTOCLAIM', stream, GROUP, consumer, ARGV[5], cursor, 'COUNT', 1, 'JUSTID')
+    cursor = r[1]
+    for _, id in ipairs(r[2]) do
+      done = consider(id)
+      if done then break end
+    end
+    if cursor == '0-0' or dead >= 100 then break end
+  end
+  if #batch > 0 then take(stream, batch) end
+  if verdict == 'alone' or verdict == 'stop' then return true end
+  if #batch < need then
+    local count = need - #batch
+    local r = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', count, 'STREAMS', stream, '>')
+    if r then
+      local ids = {}
+      for _, entry in ipairs(r[1][2]) do ids[#ids + 1] = entry[1] end
+      take(stream, ids)
+    end
   end
   return false
 end

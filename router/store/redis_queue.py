@@ -30,7 +30,7 @@ from router.model import (
     new_id,
     utcnow,
 )
-from router.store import UNFINISHED_ERROR
+from router.store import SUSPECT_AFTER, UNFINISHED_ERROR
 from router.store.batching import GroupCommit
 from router.store.fanout import wait_for_work
 from router.store.redis_codec import (
@@ -185,7 +185,7 @@ class RedisQueues:
             sleep_ms = int(max(0.0, block_s - elapsed_s) * 1000)
             args = [
                 *(consumer, limit, visibility_ms, RECLAIM_MS, f"{self._sleeper}:{consumer}", sleep_ms),
-                *(max_attempts, new_id("dl"), format_time(utcnow()), UNFINISHED_ERROR),
+                *(max_attempts, new_id("dl"), format_time(utcnow()), UNFINISHED_ERROR, SUSPECT_AFTER),
             ]
             try:
                 found = await self._run(self._claim_in, *args)

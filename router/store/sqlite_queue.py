@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from router.errors import StoreError
 from router.model import Accepted, DeadLetter, Message, format_time, new_id, utcnow
-from router.store import UNFINISHED_ERROR
+from router.store import SUSPECT_AFTER, UNFINISHED_ERROR
 from router.store.batching import GroupCommit
 from router.store.fanout import Signal, wait_for_work
 from router.store.sqlite_db import Row, SQLiteDatabase, fetch_one
@@ -180,25 +180,26 @@ def _known_inbound(
 
 
 def _claim_inbound(db: sqlite3.Connection, claim: _Claim, now: float) -> list[Row]:
-    """(seq, data) of the claimed messages. A row with a consumer was handed
-    out and never finished (a failure clears the consumer): it goes alone,
-    or to the dead letters once it has had its attempts."""
+    """(seq, data) of the claimed messages. A row that still has a consumer
+    was handed out and never finished (a failure clears the consumer); after
+    SUSPECT_AFTER such hand-outs it goes alone, or to the dead letters once
+    it has had its attempts."""
     rows = db.execute(
-        "SELECT q.seq, m.data, q.consumer IS NOT NULL, q.attempts, m.channel, m.id"
+        "SELECT q.seq, m.data, q.consumer IS NOT NULL AND q.attempts >= ?, q.attempts, m.channel, m.id"
         " FROM inbound_queue q JOIN messages m ON m.seq = q.seq"
         " WHERE q.visible_at <= ? OR q.consumer = ? ORDER BY q.priority, q.seq LIMIT ?",
-        (now, claim.consumer, claim.limit),
+        (SUSPECT_AFTER, now, claim.consumer, claim.limit),
     ).fetchall()
     taken: list[Row] = []
-    for seq, data, unfinished, attempts, channel, message_id in rows:
-        if unfinished and taken:
+    for seq, data, suspect, attempts, channel, message_id in rows:
+        if suspect and taken:
             break
-        if unfinished and attempts >= claim.max_attempts:
+        if suspect and attempts >= claim.max_attempts:
             db.execute("DELETE FROM inbound_queue WHERE seq = ?", (seq,))
             _add_dead_letter(db, channel, data, UNFINISHED_ERROR % attempts, attempts, message_id)
             continue
         taken.append((seq, data))
-        if unfinished:
+        if suspect:
             break
     db.executemany(
         "UPDATE inbound_queue SET visible_at = ?, consumer = ?, attempts = attempts + 1 WHERE seq = ?",
