@@ -152,7 +152,10 @@ class Message:
     its `history`, oldest first. A delivery-failure report (an email bounce)
     names the external id of our outbound message it returns in `bounce_of`,
     with the remote server's reason in `bounce_error`; the pipeline marks
-    that message `failed`.
+    that message `failed`. `queued_at` is when the router accepted an
+    inbound message, on its own clock: the SLA runs from then, not from when
+    a backlog let the pipeline get to it, and not from `received_at`, which
+    the sender states (an email's Date header can say anything).
     """
 
     id: str
@@ -185,6 +188,7 @@ class Message:
     author: str | None = None
     delivery: Delivery | None = None
     seq: int | None = None
+    queued_at: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = _flat(self)
@@ -194,6 +198,7 @@ class Message:
         data["references"] = list(self.references)
         data["history"] = list(self.history)
         data["received_at"] = format_time(self.received_at)
+        data["queued_at"] = format_time(self.queued_at)
         if self.delivery is not None:
             data["delivery"] = _flat(self.delivery)
             data["delivery"]["next_attempt_at"] = format_time(self.delivery.next_attempt_at)
@@ -206,6 +211,7 @@ class Message:
         data["kind"] = Kind(data["kind"])
         data["sender"] = Party(**data["sender"])
         data["received_at"] = parse_time(data["received_at"])
+        data["queued_at"] = parse_time(data.get("queued_at"))
         data["attachments"] = [Attachment(**a) for a in data.get("attachments") or []]
         for key, enum in (("urgency", Urgency), ("category", Category)):
             if data.get(key) is not None:

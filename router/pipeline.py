@@ -43,6 +43,13 @@ VISIBILITY_S = 60.0
 BOUNCE_QUIET = timedelta(hours=24)
 
 
+def _arrival(message: Message, now: datetime) -> datetime:
+    """When the SLA clock starts for `message`: when it was queued (never
+    later than `now`, should daemons' clocks disagree); `now` for a message
+    queued before the router stamped one."""
+    return min(message.queued_at, now) if message.queued_at is not None else now
+
+
 def _bounce_key(channel: str, recipient_id: str) -> str:
     """The store checkpoint holding when mail to this recipient last bounced."""
     return f"bounced/{channel}/{recipient_id}"
@@ -74,6 +81,7 @@ class Pipeline:
         # A channel that knows better (a Telegram user's language_code for
         # Latin-script text) has set the language already.
         message.language = message.language or verdict.language
+        message.queued_at = self.clock()
         accepted = await self.store.enqueue_inbound(message)
         if not accepted.duplicate:
             metrics.INBOUND.labels(message.channel, verdict.urgency.value).inc()
@@ -140,7 +148,8 @@ class Pipeline:
             if (message.channel, key) not in keys:
                 keys.add((message.channel, key))
                 team = routing.route(self.settings, message)
-                plain.append((message, conversations.start(message, key, team, now, self.settings.sla)))
+                start = conversations.start(message, key, team, _arrival(message, now), self.settings.sla)
+                plain.append((message, start))
         if len(plain) < 2:
             return {}
         try:
@@ -163,7 +172,7 @@ class Pipeline:
         if threaded is None:
             key = await conversations.thread_key(self.store, message)
             threaded = await self.store.thread_message(
-                message, conversations.start(message, key, team, now, self.settings.sla)
+                message, conversations.start(message, key, team, _arrival(message, now), self.settings.sla)
             )
         conversation = threaded.conversation
         if threaded.created:
@@ -249,7 +258,7 @@ class Pipeline:
         deadline and, before anyone answered, moves it to the right team."""
         changes: dict[str, object] = {}
         if message.urgency is conversation.urgency and conversation.first_response_at is None:
-            due = now + self.settings.sla.target(conversation.urgency)
+            due = _arrival(message, now) + self.settings.sla.target(conversation.urgency)
             if conversation.first_response_due is None or due < conversation.first_response_due:
                 changes["first_response_due"] = due
             if team != conversation.team:

@@ -110,6 +110,35 @@ async def test_deadline_is_absolute_and_only_a_human_reply_counts(desk: Desk_) -
     assert later.first_response_at == conv.first_response_at
 
 
+async def test_the_sla_runs_from_when_the_message_reached_us_not_when_a_backlog_let_it_through(
+    desk: Desk_,
+) -> None:
+    """A backlog (a burst, a restart) must not make a late answer look on
+    time; nor may a sender's own Date header (here a year old) set the clock."""
+    arrived = desk.clock.now
+    await desk.queue("someone withdrew all my BTC, it was not me", sender="u-1")
+    await desk.pipeline.accept(customer_message("what is the fee?", "u-2", at=arrived - timedelta(days=365)))
+    desk.clock.advance(minutes=20)
+    await desk.pipeline.drain()
+    by_customer = {c.customer.id: c for c in await conversations(desk)}
+    critical, routine = by_customer["u-1"], by_customer["u-2"]
+    assert critical.created_at == arrived and routine.created_at == arrived
+    assert critical.first_response_due == arrived + timedelta(minutes=15) < desk.clock.now
+    assert routine.first_response_due == arrived + desk.pipeline.settings.sla.target(routine.urgency)
+
+
+async def test_an_escalation_that_waited_in_the_queue_is_due_from_its_arrival(desk: Desk_) -> None:
+    await desk.receive("what is the withdrawal fee?")
+    desk.clock.advance(minutes=10)
+    arrived = desk.clock.now
+    await desk.queue("wait, someone just withdrew all my BTC without my permission!")
+    desk.clock.advance(minutes=5)
+    await desk.pipeline.drain()
+    [conv] = await conversations(desk)
+    assert conv.urgency.value == "critical"
+    assert conv.first_response_due == arrived + timedelta(minutes=15)
+
+
 async def test_round_robin_over_available_agents_only(desk: Desk_) -> None:
     await add_agents(desk.store, "bob", "carol", "dave")
     await desk.desk.set_presence("dave", Presence.AWAY)
