@@ -181,7 +181,7 @@ class Pipeline:
                 conversation = await self.store.update_conversation(conversation.id, reason=reason)
             await self._publish("conversation.created", conversation)
         else:
-            conversation = await self._escalate(conversation, message, team, now)
+            conversation = await self._joined(conversation, message, team, now)
         message.conversation_id = conversation.id
         await self.store.publish(Event("message.created", message.to_dict()))
         if conversation.assignee is None and conversation.status is not Status.CLOSED:
@@ -251,6 +251,24 @@ class Pipeline:
         await self._publish("conversation.updated", conversation)
         return conversation
 
+    async def _joined(
+        self, conversation: Conversation, message: Message, team: str, now: datetime
+    ) -> Conversation:
+        """A message joined a conversation. A customer's answer reopens one
+        left pending (waiting for them); a more urgent message escalates it;
+        and the inbox hears of it whatever changed, since threading changed
+        its count, preview and maybe urgency: without the event an answered
+        conversation turned critical would sit in the list looking routine."""
+        if (
+            conversation.status is Status.PENDING
+            and message.kind is Kind.CUSTOMER
+            and not message.auto_generated
+        ):
+            conversation = await self.store.update_conversation(conversation.id, status=Status.OPEN)
+        conversation = await self._escalate(conversation, message, team, now)
+        await self._publish("conversation.updated", conversation)
+        return conversation
+
     async def _escalate(
         self, conversation: Conversation, message: Message, team: str, now: datetime
     ) -> Conversation:
@@ -270,9 +288,7 @@ class Pipeline:
             # steps the move is still to do, and handling it again finishes
             # it; the other way round it would leave the old team's agent.
             await self.store.claim_conversation(conversation.id, None, conversation.assignee)
-        conversation = await self.store.update_conversation(conversation.id, **changes)
-        await self._publish("conversation.updated", conversation)
-        return conversation
+        return await self.store.update_conversation(conversation.id, **changes)
 
     async def _acknowledge(
         self, message: Message, conversation: Conversation, threaded: Threaded, now: datetime

@@ -139,6 +139,41 @@ async def test_an_escalation_that_waited_in_the_queue_is_due_from_its_arrival(de
     assert conv.first_response_due == arrived + timedelta(minutes=15)
 
 
+async def test_a_follow_up_that_turns_an_answered_conversation_critical_is_announced(desk: Desk_) -> None:
+    """The inbox learns of a conversation's changes from events alone: a
+    row that turned critical must not keep looking routine until a reload."""
+    crew = await add_agents(desk.store, "bob")
+    await desk.receive("what is the withdrawal fee?")
+    [conv] = await conversations(desk)
+    await desk.desk.reply(conv.ref, crew["bob"], "It is 0.0002 BTC.")
+    events = desk.store.subscribe()
+    await desk.receive("someone hacked my account and stole my BTC!")
+    updates = []
+    while not updates:
+        event = await asyncio.wait_for(anext(events), 2)
+        if event.type == "conversation.updated":
+            updates.append(event.data)
+    await events.aclose()
+    [update] = updates
+    assert (update["ref"], update["urgency"], update["message_count"]) == (conv.ref, "critical", 4)
+
+
+async def test_a_customer_answer_reopens_a_pending_conversation_but_their_auto_reply_does_not(
+    desk: Desk_,
+) -> None:
+    crew = await add_agents(desk.store, "bob")
+    await desk.receive("how do I verify my account?")
+    [conv] = await conversations(desk)
+    await desk.desk.reply(conv.ref, crew["bob"], "Send us a photo of your ID, please.")
+    await desk.desk.set_status(conv.ref, Status.PENDING)
+    await desk.receive("Out of office until Monday.", auto_generated=True)
+    [conv] = await conversations(desk)
+    assert conv.status is Status.PENDING
+    await desk.receive("Here it is, attached.")
+    [conv] = await conversations(desk)
+    assert conv.status is Status.OPEN
+
+
 async def test_round_robin_over_available_agents_only(desk: Desk_) -> None:
     await add_agents(desk.store, "bob", "carol", "dave")
     await desk.desk.set_presence("dave", Presence.AWAY)
