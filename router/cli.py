@@ -122,21 +122,22 @@ async def cmd_channels_test(args: argparse.Namespace, config: Config) -> int:
 
 
 async def cmd_agents(args: argparse.Namespace, config: Config) -> int:
+    from router.desk import Desk
+
     async def work(store: Store) -> int:
         if args.action == "add":
             _known_teams(config, args.team)
             token = await agents.create(store, args.name, args.team, Role(args.role))
             print(f"agent {args.name} created; its API token (shown once): {token}")
+            # New agents are available: they take up what waits unassigned in their teams.
+            if taken := await Desk(store, config).set_presence(args.name, Presence.AVAILABLE):
+                print(f"assigned {len(taken)} waiting conversation(s) by their teams' strategies")
         elif args.action == "token":
             print(f"new API token for {args.name} (shown once): {await agents.rotate(store, args.name)}")
         elif args.action == "remove":
-            from router.desk import Desk
-
             moved = await Desk(store, config).remove_agent(args.name)
             print(f"agent {args.name} removed" + (f"; reassigned {len(moved)}" if moved else ""))
         elif args.action == "presence":
-            from router.desk import Desk
-
             moved = await Desk(store, config).set_presence(args.name, Presence(args.presence))
             print(f"{args.name} is {args.presence}" + (f"; reassigned {len(moved)}" if moved else ""))
         else:

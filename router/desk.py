@@ -109,11 +109,40 @@ class Desk:
 
     async def set_presence(self, name: str, presence: Presence) -> list[Conversation]:
         """Going away hands back every conversation still waiting for its
-        first response, and the team strategy reassigns it. Returns those."""
+        first response, and the team strategy reassigns it. Coming back (or
+        arriving: `agents add` calls this too) takes up what waited in the
+        agent's teams' queues while nobody was there, most urgent first:
+        the night's critical report must not wait for someone to go looking.
+        Each team's strategy picks, so others available share them. Returns
+        the conversations (re)assigned."""
         await self.store.set_presence(name, presence)
         if presence is Presence.AVAILABLE:
-            return []
+            return await self._assign_waiting(name)
         return await self._hand_back(name, unanswered_only=True)
+
+    async def _assign_waiting(self, name: str) -> list[Conversation]:
+        agent = await self.store.get_agent(name)
+        mine = agent.teams if agent is not None else []
+        teams = [t for t in self.settings.teams if t.name in mine and t.assignment != "manual"]
+        assigned: list[Conversation] = []
+        for team in teams:
+            for conversation in await self._every(InboxQuery(team=team.name, unassigned=True)):
+                updated = await routing.assign(self.store, self.settings, conversation)
+                if updated.assignee is not None:
+                    assigned.append(updated)
+                    await self._updated(conversation.id)
+        return assigned
+
+    async def _every(self, query: InboxQuery) -> list[Conversation]:
+        """Every page of `query`, in inbox order."""
+        found: list[Conversation] = []
+        query.limit, query.cursor = 500, None
+        while True:
+            page = await self.store.list_conversations(query)
+            found += page.conversations
+            if not page.next_cursor:
+                return found
+            query.cursor = page.next_cursor
 
     async def remove_agent(self, name: str) -> list[Conversation]:
         """Remove the agent and hand back all their open and pending
@@ -129,16 +158,8 @@ class Desk:
         team's strategy assign them again."""
         moved: list[Conversation] = []
         for status in (Status.OPEN, Status.PENDING):
-            cursor: str | None = None
-            waiting: list[Conversation] = []
-            while True:
-                page = await self.store.list_conversations(
-                    InboxQuery(status=status, assignee=name, limit=500, cursor=cursor)
-                )
-                found = page.conversations
-                waiting += [c for c in found if not unanswered_only or c.first_response_at is None]
-                if not (cursor := page.next_cursor):
-                    break
+            found = await self._every(InboxQuery(status=status, assignee=name))
+            waiting = [c for c in found if not unanswered_only or c.first_response_at is None]
             for conversation in waiting:
                 released = await self.store.claim_conversation(conversation.id, None, name)
                 if released is not None:

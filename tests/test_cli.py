@@ -296,6 +296,19 @@ def test_removing_an_agent_hands_their_conversations_to_the_team(run: Run, tmp_p
     }
 
 
+def test_a_new_agent_takes_up_the_conversations_waiting_in_their_team(run: Run, tmp_path: Path) -> None:
+    config = write_config(tmp_path, None)
+    seed(config)
+    assert run("agents", "presence", "bob", "away")[0] == 0
+    code, out, _ = run("inbox", "--json", "--team", "support")
+    assert {c["assignee"] for c in json.loads(out)["conversations"]} == {None}
+    code, out, _ = run("agents", "add", "carol", "--team", "support")
+    assert code == 0
+    assert out.splitlines()[1] == "assigned 2 waiting conversation(s) by their teams' strategies"
+    code, out, _ = run("inbox", "--json", "--team", "support")
+    assert {c["assignee"] for c in json.loads(out)["conversations"]} == {"carol"}
+
+
 # -- inbox and reply -------------------------------------------------------------
 
 

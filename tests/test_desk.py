@@ -216,6 +216,26 @@ async def test_nobody_available_leaves_it_in_the_team_queue(desk: Desk_) -> None
     assert conv.team == "support" and conv.assignee is None
 
 
+async def test_an_agent_coming_back_takes_up_what_waited_most_urgent_first(desk: Desk_) -> None:
+    """Nobody on shift at night: in the morning the first agent to sign in
+    gets the night's conversations, the security report first, not a
+    queue someone has to go and look for."""
+    await add_agents(desk.store, "bob")
+    await add_agents(desk.store, "sec1", team="security")
+    for name in ("bob", "sec1"):
+        await desk.desk.set_presence(name, Presence.AWAY)
+    await desk.receive("can I change my email address?", sender="u-1")
+    await desk.receive("someone withdrew all my BTC without my permission!", sender="u-2")
+    assert [c.assignee for c in await conversations(desk)] == [None, None]
+    events = desk.store.subscribe()
+    assert [c.team for c in await desk.desk.set_presence("sec1", Presence.AVAILABLE)] == ["security"]
+    assert [c.customer.id for c in await desk.desk.set_presence("bob", Presence.AVAILABLE)] == ["u-1"]
+    announced = [(await asyncio.wait_for(anext(events), 2)).data for _ in range(2)]
+    await events.aclose()
+    assert [(e["assignee"], e["customer"]["id"]) for e in announced] == [("sec1", "u-2"), ("bob", "u-1")]
+    assert {c.customer.id: c.assignee for c in await conversations(desk)} == {"u-1": "bob", "u-2": "sec1"}
+
+
 async def test_assignment_is_compare_and_set(desk: Desk_) -> None:
     await add_agents(desk.store, "bob", "carol", "dave")
     for name in ("bob", "carol", "dave"):
