@@ -49,6 +49,11 @@ class Desk:
         if len(text) > MAX_REPLY_CHARS:
             raise ValueError(f"text: longer than {MAX_REPLY_CHARS} characters")
         conversation = await self.conversation(id_or_ref)
+        if all(spec.name != conversation.channel for spec in self.settings.channels):
+            # Queued, it would wait forever: only configured channels send.
+            raise Conflict(
+                f"channel {conversation.channel!r} is not configured any more; the reply cannot go out"
+            )
         history = await self.store.conversation_messages(conversation.id)
         # Threaded under the customer's own latest words: an out-of-office
         # reply to our ack came later, but nobody is answering the robot.

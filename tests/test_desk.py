@@ -17,6 +17,7 @@ from router import agents, triage
 from router import config as configuration
 from router.acks import Templates
 from router.desk import Desk
+from router.errors import Conflict
 from router.model import Agent, DeliveryStatus, Direction, Kind, Message, Presence, Status
 from router.outbox import Outbox
 from router.pipeline import Pipeline
@@ -172,6 +173,20 @@ async def test_a_customer_answer_reopens_a_pending_conversation_but_their_auto_r
     await desk.receive("Here it is, attached.")
     [conv] = await conversations(desk)
     assert conv.status is Status.OPEN
+
+
+async def test_a_reply_to_a_channel_taken_out_of_the_config_is_refused_not_queued_forever(
+    desk: Desk_,
+) -> None:
+    crew = await add_agents(desk.store, "bob")
+    message = customer_message("what is the fee?", "u-1", at=desk.clock())
+    message.channel = "old-chat"
+    await desk.pipeline.accept(message)
+    await desk.pipeline.drain()
+    [conv] = await conversations(desk)
+    with pytest.raises(Conflict, match="'old-chat' is not configured"):
+        await desk.desk.reply(conv.ref, crew["bob"], "It is 0.0002 BTC.")
+    assert [m.kind for m in await desk.store.conversation_messages(conv.id)] == [Kind.CUSTOMER, Kind.ACK]
 
 
 async def test_round_robin_over_available_agents_only(desk: Desk_) -> None:
