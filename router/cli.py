@@ -21,7 +21,7 @@ from router import agents, logs
 from router import config as configuration
 from router.config import Config
 from router.errors import ConfigError, DeliveryFailure, RouterError
-from router.model import Presence, Role
+from router.model import Conversation, Presence, Role
 from router.store import Store, mask_url, open_store
 
 Command = Callable[[argparse.Namespace, Config], Awaitable[int]]
@@ -136,16 +136,25 @@ async def cmd_agents(args: argparse.Namespace, config: Config) -> int:
             print(f"new API token for {args.name} (shown once): {await agents.rotate(store, args.name)}")
         elif args.action == "remove":
             moved = await Desk(store, config).remove_agent(args.name)
-            print(f"agent {args.name} removed" + (f"; reassigned {len(moved)}" if moved else ""))
+            print(f"agent {args.name} removed{_where_they_went(moved)}")
         elif args.action == "presence":
             moved = await Desk(store, config).set_presence(args.name, Presence(args.presence))
-            print(f"{args.name} is {args.presence}" + (f"; reassigned {len(moved)}" if moved else ""))
+            print(f"{args.name} is {args.presence}{_where_they_went(moved)}")
         else:
             for agent in await store.list_agents():
                 print(f"{agent.name}\t{agent.role.value}\t{agent.presence.value}\t{','.join(agent.teams)}")
         return 0
 
     return await _with_store(config, work)
+
+
+def _where_they_went(moved: list[Conversation]) -> str:
+    """Says where handed-back conversations went ("; reassigned 2, back in
+    the team queue 1"): when nobody else is available, they wait unassigned."""
+    assigned = sum(1 for conversation in moved if conversation.assignee is not None)
+    queued = len(moved) - assigned
+    said = [f"reassigned {assigned}"] * bool(assigned) + [f"back in the team queue {queued}"] * bool(queued)
+    return f"; {', '.join(said)}" if said else ""
 
 
 def _known_teams(config: Config, teams: list[str]) -> None:

@@ -41,6 +41,19 @@ async def test_a_removed_agent_is_locked_out(router) -> None:
     assert (await router.api("GET", "/api/v1/conversations"))[0] == 401
 
 
+async def test_presence_says_which_conversations_were_reassigned_and_which_wait_in_the_queue(router) -> None:
+    """The admin is in every team: the only one available in support, so
+    going away leaves its conversation to the queue; coming back takes it up."""
+    await router.post_message({"id": "m-1", "from": {"id": "u-1"}, "text": "what are the fees?"})
+    await router.settle()
+    status, away = await router.api("POST", "/api/v1/agents/me/presence", {"presence": "away"})
+    [conv] = (await router.api("GET", "/api/v1/conversations"))[1]["conversations"]
+    assert status == 200 and (away["reassigned"], away["queued"]) == ([], [conv["ref"]])
+    assert conv["assignee"] is None
+    status, back = await router.api("POST", "/api/v1/agents/me/presence", {"presence": "available"})
+    assert status == 200 and (back["reassigned"], back["queued"]) == ([conv["ref"]], [])
+
+
 async def test_inbox_filters_and_paging(router) -> None:
     for i in range(120):
         text = "someone hacked my account and stole my BTC" if i % 10 == 0 else f"what are the fees? {i}"

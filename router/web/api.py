@@ -193,7 +193,12 @@ async def set_presence(request: web.Request) -> web.Response:
     presence = _enum(Presence, (await _body(request)).get("presence"), "presence")
     moved = await request.app[SERVICES].desk.set_presence(name, presence)
     return web.json_response(
-        {"agent": name, "presence": presence.value, "reassigned": [c.ref for c in moved]}
+        {
+            "agent": name,
+            "presence": presence.value,
+            "reassigned": [c.ref for c in moved if c.assignee is not None],
+            "queued": [c.ref for c in moved if c.assignee is None],
+        }
     )
 
 
