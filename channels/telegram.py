@@ -10,9 +10,11 @@ webhook update it got no timely answer for), and `chat_id:message_id`
 dedupes in the store.
 
 Outbound: sendMessage into the customer's chat, replying to their message,
-in pieces of at most `max_text_length`. Which updates count and how they
-read is channels/telegram_updates.py; the library's errors are translated in
-channels/telegram_api.py.
+in pieces of at most `max_text_length`. The pieces of a long reply that went
+out are recorded in the store as each goes, so a retry after a crash, a
+restart or in another process sends only the rest. Which updates count and
+how they read is channels/telegram_updates.py; the library's errors are
+translated in channels/telegram_api.py.
 """
 
 from __future__ import annotations
@@ -96,7 +98,6 @@ class TelegramChannel(Channel):
         self._me: BotIdentity | None = None
         self._starting = asyncio.Lock()
         self._seen: dict[int, None] = {}
-        self._pieces: dict[str, list[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._templates = Templates(None)
         self._webhook_url = ""
@@ -263,8 +264,14 @@ class TelegramChannel(Channel):
     # -- outbound --------------------------------------------------------
 
     async def send(self, message: Message, conversation: Conversation) -> str:
-        """Returns the `chat_id:message_id` of the first piece. A retry after
-        a temporary failure resumes at the piece that failed."""
+        """Returns the `chat_id:message_id` of the first piece. A retry,
+        here or in another process, resumes after the last piece that went
+        out: the ids of those sent are in the store under the message id,
+        put after each piece and kept once all are out (a redelivery of a
+        reply sent in full sends nothing). A one-piece reply keeps no record:
+        its retry is the outbox's usual at-least-once."""
+        if self.store is None:
+            raise RuntimeError(f"channel {self.name}: no store bound to record a long reply's progress")
         try:
             chat_id = int(conversation.thread_key)
         except ValueError:
@@ -272,15 +279,14 @@ class TelegramChannel(Channel):
         pieces = split_text(message.text, self.max_text_length or 4096)
         if not pieces:
             raise PermanentFailure("the message text is empty")
-        sent = self._pieces.setdefault(message.id, [])
-        try:
-            for piece in pieces[len(sent) :]:
-                reply_to = None if sent else _message_id_in(message.in_reply_to, chat_id)
-                sent.append(await self._send_text(chat_id, piece, reply_to))
-        except PermanentFailure:
-            del self._pieces[message.id]
-            raise
-        return self._pieces.pop(message.id)[0]
+        key = f"telegram/{self.name}/pieces/{message.id}"
+        sent = (await self.store.get_checkpoint(key) or "").split() if len(pieces) > 1 else []
+        for piece in pieces[len(sent) :]:
+            reply_to = None if sent else _message_id_in(message.in_reply_to, chat_id)
+            sent.append(await self._send_text(chat_id, piece, reply_to))
+            if len(pieces) > 1:
+                await self.store.put_checkpoint(key, " ".join(sent))
+        return sent[0]
 
     async def _send_text(self, chat_id: int, text: str, reply_to: int | None) -> str:
         if self._closed:

@@ -24,7 +24,8 @@ self-hosted `telegram-bot-api --local` server allows), and a failed webhook
 delivery is retried after `retry_delay_s` rather than Telegram's minutes.
 
 Hooks: `fail()` injects errors (429 with retry_after, a 502 page from the
-proxy in front, 403, ...), `block()` makes sendMessage answer "bot was
+proxy in front, 403, ...), `hold()` leaves a call unanswered (a request in
+flight when the client is killed), `block()` makes sendMessage answer "bot was
 blocked by the user", `push_raw()` queues malformed updates, and
 `deliver_twice` sends every webhook update again after its 2xx, as Telegram
 does when it did not see the answer in time.
@@ -74,6 +75,7 @@ class Fault:
     status: int
     description: str
     parameters: dict[str, Any] | None
+    held: bool = False
 
 
 class BotAPI:
@@ -97,6 +99,9 @@ class BotAPI:
         self.deliver_twice = False
         self.retry_delay_s = 0.2
         self.last_error: str | None = None
+        self.held = 0
+        """Calls `hold()` has left unanswered so far."""
+        self._released = asyncio.Event()
         self._update_ids = count(700_000)
         self._faults: dict[str, list[Fault | None]] = defaultdict(list)
         self._blocked: set[int] = set()
@@ -134,6 +139,7 @@ class BotAPI:
         return self
 
     async def stop(self) -> None:
+        self._released.set()
         self._poll_generation += 1  # ends long polls left by clients that died
         self._wake()
         await self._stop_senders()
@@ -223,6 +229,15 @@ class BotAPI:
         fault = Fault(status, description or _DESCRIPTIONS.get(status, "Error"), parameters or None)
         self._faults[method.lower()] += [None] * skip + [fault] * times
 
+    def hold(self, method: str, *, skip: int = 0) -> None:
+        """After `skip` calls that work, the next call of `method` gets no
+        answer until `release()` (then a 502, having done nothing): the
+        moment to kill the client with a request in flight."""
+        self._faults[method.lower()] += [None] * skip + [Fault(502, "held", None, held=True)]
+
+    def release(self) -> None:
+        self._released.set()
+
     def block(self, user_id: int) -> None:
         self._blocked.add(user_id)
 
@@ -240,6 +255,9 @@ class BotAPI:
             return _error(404, "Not Found")
         self.calls[method] += 1
         fault = self._faults[method].pop(0) if self._faults[method] else None
+        if fault is not None and fault.held:
+            self.held += 1
+            await self._released.wait()
         if fault is not None and fault.status == 502:
             return web.Response(status=502, text=_BAD_GATEWAY, content_type="text/html")
         if fault is not None:

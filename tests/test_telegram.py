@@ -32,12 +32,14 @@ from router.errors import PermanentFailure, TemporaryFailure
 from router.model import (
     Accepted,
     Conversation,
+    DeadLetter,
     DeliveryStatus,
     Direction,
     InboxQuery,
     Kind,
     Message,
     Party,
+    new_id,
     utcnow,
 )
 from tests.botapi import SECRET_HEADER, TOKEN, BotAPI
@@ -56,10 +58,30 @@ async def api() -> AsyncIterator[BotAPI]:
     await emulator.stop()
 
 
+class ChannelStoreInMemory:
+    """The part of the store a channel uses, in memory: what two daemons on
+    one store share."""
+
+    def __init__(self) -> None:
+        self.checkpoints: dict[str, str] = {}
+        self.dead_letters: list[DeadLetter] = []
+
+    async def get_checkpoint(self, key: str) -> str | None:
+        return self.checkpoints.get(key)
+
+    async def put_checkpoint(self, key: str, value: str) -> None:
+        self.checkpoints[key] = value
+
+    async def add_dead_letter(self, channel: str, payload: str, error: str) -> DeadLetter:
+        self.dead_letters.append(DeadLetter(new_id("d"), channel, payload, error, 1, utcnow()))
+        return self.dead_letters[-1]
+
+
 @pytest.fixture
 async def channel(api: BotAPI, tmp_path: Path) -> AsyncIterator[tuple[TelegramChannel, list[Message]]]:
-    """The adapter alone, its sink a list."""
+    """The adapter alone, its sink a list, its store in memory."""
     adapter = TelegramChannel("tg", TelegramSettings(token=TOKEN, api_url=api.url), tmp_path)
+    adapter.bind_store(ChannelStoreInMemory())
     taken: list[Message] = []
 
     async def sink(message: Message) -> Accepted:
@@ -306,6 +328,31 @@ async def test_send_replies_splits_and_resumes_where_it_failed(channel, api: Bot
     assert external_id == f"101:{pieces[0]['message_id']}"
     assert pieces[0]["reply_to_message"]["message_id"] == asked["message_id"]
     assert all("reply_to_message" not in p for p in pieces[1:])
+
+
+async def test_another_daemon_resumes_a_long_reply_where_the_first_stopped(
+    channel, api: BotAPI, tmp_path: Path
+) -> None:
+    """The first daemon got one piece out, then failed; the retry runs in
+    another process (or after a restart): the customer reads each piece once."""
+    first, _ = channel
+    assert first.store is not None
+    second = TelegramChannel("tg", TelegramSettings(token=TOKEN, api_url=api.url), tmp_path)
+    second.bind_store(first.store)
+    asked = api.say(ANN, "tell me everything")
+    text = ("word " * 1000).strip() + "\n\n" + ("more " * 1000).strip()
+    message, conversation = _outbound(text, f"101:{asked['message_id']}")
+    api.fail("sendMessage", 502, skip=1)
+    with pytest.raises(TemporaryFailure):
+        await first.send(message, conversation)
+    try:
+        external_id = await second.send(message, conversation)
+        assert await second.send(message, conversation) == external_id, "a redelivery after the last piece"
+    finally:
+        await second.close()
+    pieces = api.sent_to(101)
+    assert [p["text"] for p in pieces] == split_text(text, 4096), "each piece once, in order"
+    assert external_id == f"101:{pieces[0]['message_id']}"
 
 
 async def test_a_migrated_group_gets_the_reply_in_its_new_chat(channel, api: BotAPI) -> None:
@@ -692,3 +739,51 @@ async def inbox_through_the_api(port: int, cwd: Path) -> dict[str, tuple[list[st
             acks = sum(1 for m in messages if m["kind"] == "ack")
             found[conversation["thread_key"]] = (inbound, acks)
     return found
+
+
+async def test_kill_9_between_two_pieces_of_a_long_reply_sends_no_piece_twice(
+    api: BotAPI, tmp_path: Path
+) -> None:
+    """An agent's reply of three pieces; the daemon is killed while the
+    second is in flight. After a restart the customer has read every piece
+    once, in order, and the reply is marked sent."""
+    port = free_port()
+    config = str(write_config(tmp_path, None, telegram_config(api, "polling", f"http://127.0.0.1:{port}")))
+    proc = spawn(tmp_path, port, "-c", config)
+    await wait_ready(port, proc)
+    api.say(ANN, "tell me everything about fees")
+    await eventually(lambda: len(api.sent) == 1, "the ack")
+    headers = {"Authorization": f"Bearer {await admin_token(tmp_path)}"}
+    base = f"http://127.0.0.1:{port}/api/v1/conversations"
+    text = ("word " * 1000).strip() + "\n\n" + ("more " * 1000).strip()
+    api.hold("sendMessage", skip=1)
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{base}?status=all") as resp:
+            [conversation] = (await resp.json())["conversations"]
+        async with http.post(f"{base}/{conversation['ref']}/messages", json={"text": text}) as resp:
+            assert resp.status == 202
+            reply_id = (await resp.json())["id"]
+    await eventually(lambda: api.held == 1, "the second piece in flight")
+    proc.kill()
+    proc.wait()
+    api.release()
+    assert len(api.sent_to(101)) == 2, "the ack and the first piece"
+    proc = spawn(tmp_path, port, "-c", config)
+
+    async def reply_sent() -> bool:
+        async with (
+            aiohttp.ClientSession(headers=headers) as http,
+            http.get(f"{base}/{conversation['ref']}") as resp,
+        ):
+            messages = (await resp.json())["messages"]
+        [reply] = [m for m in messages if m["id"] == reply_id]
+        return reply["delivery"]["status"] == "sent"
+
+    try:
+        await wait_ready(port, proc)
+        await eventually(lambda: len(api.sent_to(101)) >= 4, "the rest of the reply")
+        await eventually(reply_sent, "the reply marked sent")
+    finally:
+        code, _, _, _ = stop(proc, tmp_path)
+    assert code == 0
+    assert [m["text"] for m in api.sent_to(101)[1:]] == split_text(text, 4096), "each piece once, in order"
