@@ -41,9 +41,11 @@ class Outbox:
         channels: dict[str, Channel],
         clock: Callable[[], datetime] = utcnow,
         consumer: str = "outbox",
+        visibility_s: float = VISIBILITY_S,
     ) -> None:
         self.store = store
         self.consumer = consumer
+        self.visibility_s = visibility_s
         self.channels = channels
         self.max_attempts = config.settings.outbox.max_attempts
         self.backoff_max = parse_duration(config.settings.outbox.backoff_max)
@@ -70,20 +72,30 @@ class Outbox:
             await asyncio.sleep(block_s)
             return 0
         batch = await self.store.claim_outbound(
-            self.consumer, self.push, self.clock(), CLAIM_BATCH, VISIBILITY_S, block_s
+            self.consumer, self.push, self.clock(), CLAIM_BATCH, self.visibility_s, block_s
         )
+        # Past half the claim's visibility nothing more is started: another
+        # process could take over a claim that runs out while its message is
+        # still waiting its turn, and send it too. What is left stays claimed
+        # by this sender, which gets it back on its very next claim.
+        deadline = asyncio.get_running_loop().time() + self.visibility_s / 2
         by_conversation: dict[str, list[Message]] = {}
         for message in batch:  # oldest first, as claimed
             by_conversation.setdefault(message.conversation_id or message.id, []).append(message)
-        await asyncio.gather(*(self._deliver_in_turn(messages) for messages in by_conversation.values()))
-        return len(batch)
+        turns = (self._deliver_in_turn(messages, deadline) for messages in by_conversation.values())
+        return sum(await asyncio.gather(*turns))
 
-    async def _deliver_in_turn(self, messages: list[Message]) -> None:
+    async def _deliver_in_turn(self, messages: list[Message], deadline: float) -> int:
         """One conversation's messages one after another, oldest first: the
         customer reads them in the order they arrive, and a long reply's
-        pieces must not mix with the next reply's. Conversations go in parallel."""
-        for message in messages:
+        pieces must not mix with the next reply's. Conversations go in
+        parallel. Returns how many were tried before `deadline`."""
+        loop = asyncio.get_running_loop()
+        for tried, message in enumerate(messages):
+            if loop.time() > deadline:
+                return tried
             await self.deliver(message)
+        return len(messages)
 
     async def deliver(self, message: Message) -> Message:
         conversation = await self.store.get_conversation(message.conversation_id or "")

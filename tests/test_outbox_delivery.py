@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from channels.telegram import TelegramChannel, TelegramSettings
+from channels.webhook import WebhookChannel
 from router import agents, triage
 from router import config as configuration
 from router.acks import Templates
@@ -26,7 +27,7 @@ from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
 from tests.botapi import TOKEN, BotAPI
-from tests.conftest import Running, free_socket, write_config
+from tests.conftest import Running, customer_message, free_socket, write_config
 from tests.test_telegram import telegram_config
 
 
@@ -39,9 +40,11 @@ class Answering:
         self.posts: list[dict[str, Any]] = []
         self.status = 200
         self.headers: dict[str, str] = {}
+        self.delay_s = 0.0
 
     async def handle(self, request: web.Request) -> web.Response:
         self.posts.append(await request.json())
+        await asyncio.sleep(self.delay_s)
         return web.Response(status=self.status, headers=self.headers)
 
 
@@ -202,3 +205,46 @@ async def test_a_retry_after_given_as_a_date_is_waited_for(start_daemon, answeri
     delivery = await ack_delivery(router)
     assert (delivery["status"], delivery["attempts"]) == ("queued", 1)
     assert parse_time(delivery["next_attempt_at"]) >= back_at.replace(microsecond=0)
+
+
+async def test_a_slow_receiver_never_gets_a_reply_twice_from_two_daemons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answering: Answering
+) -> None:
+    """One conversation's messages go out one after another. Were a sender
+    to keep starting them after its claim ran out, another daemon (here a
+    second Outbox on the same store) would take the claim over and send the
+    same reply too."""
+    monkeypatch.chdir(tmp_path)
+    config = configuration.load(str(write_config(tmp_path, answering.url)))
+    store = SQLiteStore(config.settings.store.url)
+    await store.open()
+    options = WebhookChannel.Settings.model_validate(config.settings.channels[0].options)
+    web_channel = WebhookChannel("web", options, tmp_path)
+    pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
+    answering.delay_s = 0.3
+    try:
+        await pipeline.accept(customer_message("what is the fee?", "u-1"))
+        await pipeline.drain()
+        [conversation] = (await store.list_conversations(InboxQuery(status=None))).conversations
+        await agents.create(store, "bob", ["support"], Role.AGENT)
+        bob = await store.get_agent("bob")
+        assert bob is not None
+        replies = [await Desk(store, config).reply(conversation.ref, bob, f"Reply {n}.") for n in range(3)]
+        first, second = (
+            Outbox(store, config, {"web": web_channel}, consumer=name, visibility_s=1.0)
+            for name in ("a", "b")
+        )
+
+        async def keep_sending(outbox: Outbox, for_s: float) -> None:
+            loop = asyncio.get_running_loop()
+            until_s = loop.time() + for_s
+            while loop.time() < until_s:
+                if not await outbox.deliver_due():
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(keep_sending(first, 2.5), keep_sending(second, 2.5))
+        assert [post["text"] for post in answering.posts][1:] == [reply.text for reply in replies]
+        assert len(answering.posts) == 4
+    finally:
+        await web_channel.close()
+        await store.close()
