@@ -393,12 +393,23 @@ class SMTPPeer:
         return found
 
 
-@pytest.fixture
-def smtp_peer() -> Iterator[SMTPPeer]:
+def _smtp_peer(smtputf8: bool) -> Iterator[SMTPPeer]:
     from aiosmtpd.controller import Controller
 
     peer = SMTPPeer()
-    controller = Controller(peer, hostname="127.0.0.1", port=peer.port)
+    controller = Controller(peer, hostname="127.0.0.1", port=peer.port, enable_SMTPUTF8=smtputf8)
     controller.start()
     yield peer
     controller.stop()
+
+
+@pytest.fixture
+def smtp_peer() -> Iterator[SMTPPeer]:
+    """aiosmtpd as it comes: no SMTPUTF8, like many servers still."""
+    yield from _smtp_peer(smtputf8=False)
+
+
+@pytest.fixture
+def smtputf8_peer() -> Iterator[SMTPPeer]:
+    """aiosmtpd offering SMTPUTF8 (RFC 6531): UTF-8 addresses and headers."""
+    yield from _smtp_peer(smtputf8=True)

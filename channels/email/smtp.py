@@ -6,10 +6,17 @@ derived from the outbound message id (the same on every retry, so a
 retried send is recognisable and a bounce or answer can be matched), and
 carries our loop header; acks also say `Auto-Submitted: auto-replied`.
 
+A customer's address need not be ASCII (RFC 6530): an IDN domain goes as
+its A-label when the local part is ASCII, so any server takes it; a UTF-8
+local part needs a server offering SMTPUTF8 (RFC 6531), which aiosmtplib
+asks for by itself when an address needs it.
+
 aiosmtplib's errors are translated here: a 5xx answer about the message or
 its recipient fails it for good with the server's words; 4xx answers,
 timeouts, refused connections and a failed login (a config problem someone
-will fix) are retried by the outbox with backoff.
+will fix) are retried by the outbox with backoff. A server without SMTPUTF8
+for an address that needs it fails the message for good: retrying will not
+change what the server offers.
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from __future__ import annotations
 import html
 import re
 from email import policy
+from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime, parseaddr, unquote
 from typing import TYPE_CHECKING
 
 import aiosmtplib
@@ -35,6 +43,7 @@ if TYPE_CHECKING:
 
 LOOP_HEADER = "X-Support-Router-Loop"
 _REPLY_PREFIX = re.compile(r"^\s*(?:re|aw|sv|回复|回覆)\s*[:：]", re.IGNORECASE)
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 def reply_subject(subject: str | None, ref: str) -> str:
@@ -58,8 +67,8 @@ def build(
     mail = EmailMessage(policy=policy.SMTP)
     mail["From"] = from_address
     try:
-        mail["To"] = Address(display_name=_one_line(recipient.name or ""), addr_spec=address)
-    except (ValueError, IndexError) as exc:
+        mail["To"] = _recipient(_one_line(recipient.name or ""), address)
+    except (ValueError, IndexError, HeaderParseError) as exc:  # UnicodeError is a ValueError
         raise PermanentFailure(f"invalid recipient address {address!r}: {exc}") from None
     mail["Subject"] = reply_subject(conversation.subject or message.subject, conversation.ref)
     mail["Date"] = format_datetime(message.received_at)
@@ -77,6 +86,26 @@ def build(
     mail.set_content(message.text)
     mail.add_alternative(_html(message.text), subtype="html")
     return mail
+
+
+def _recipient(name: str, address: str) -> Address:
+    """The customer's address for the To header, and so the envelope.
+
+    An IDN domain becomes its A-label (punycode) when the local part is
+    ASCII, so the mail needs no SMTPUTF8. Not when the stdlib's IDNA 2003
+    codec would name another domain (it maps `faß.de` to `fass.de`, which
+    IDNA 2008 keeps apart): such a domain, like a UTF-8 local part, is sent
+    as written, over SMTPUTF8. The stdlib parser calls any non-ASCII local
+    part a defect, so it is checked with those characters standing in as
+    ASCII letters: RFC 6532 allows them exactly where atext and qtext go.
+    """
+    local, _, domain = address.rpartition("@")
+    a_label = domain if domain.isascii() else domain.encode("idna").decode("ascii")
+    checked = Address(name, addr_spec=f"{_NON_ASCII.sub('a', local)}@{a_label}")
+    same_domain = domain.isascii() or a_label.encode("ascii").decode("idna") == domain.lower()
+    if local.isascii() and same_domain:
+        return Address(name, checked.username, a_label)
+    return Address(name, unquote(local), domain)
 
 
 def _header_id(value: str, identity: Identity) -> str:
@@ -120,6 +149,10 @@ async def deliver(mail: EmailMessage, settings: SmtpSettings) -> None:
         await aiosmtplib.send(mail, sender=sender, **_client_options(settings))  # type: ignore[arg-type]
     except aiosmtplib.SMTPRecipientsRefused as exc:
         raise _answer(where, exc.recipients[0].code, exc.recipients[0].message) from None
+    except aiosmtplib.SMTPNotSupported:
+        addresses = [sender, *(to.addr_spec for to in mail["To"].addresses)]
+        utf8 = ", ".join(address for address in addresses if not address.isascii())
+        raise PermanentFailure(f"{where} does not offer SMTPUTF8 (RFC 6531), which {utf8} needs") from None
     except aiosmtplib.SMTPAuthenticationError as exc:
         raise TemporaryFailure(
             f"{where}: login as {settings.username} failed: {exc.code} {exc.message}"
