@@ -7,7 +7,9 @@ store drops what it already holds. Webhook mode registers
 ingress route checks the secret and answers 200 only after the enqueue.
 Either way an update id seen lately is dropped at once (Telegram re-sends a
 webhook update it got no timely answer for), and `chat_id:message_id`
-dedupes in the store.
+dedupes in the store. A group upgraded to a supergroup keeps its first id as
+the thread key (its conversation goes on), and replies go to its new id: the
+two ids are noted in the store when the upgrade is seen.
 
 Outbound: sendMessage into the customer's chat, replying to their message,
 in pieces of at most `max_text_length`. The pieces of a long reply that went
@@ -35,7 +37,14 @@ from telegram.error import BadRequest, ChatMigrated, NetworkError, RetryAfter, T
 
 from channels.base import Channel, ChannelSettings, Sink
 from channels.telegram_api import build_bot, call, quiet_library_logs, translate
-from channels.telegram_updates import ALLOWED_UPDATES, BotIdentity, Greeting, read_update, split_text
+from channels.telegram_updates import (
+    ALLOWED_UPDATES,
+    BotIdentity,
+    Greeting,
+    read_update,
+    split_text,
+    upgrade_in,
+)
 from router import logs
 from router.acks import Templates
 from router.config import Config
@@ -198,8 +207,11 @@ class TelegramChannel(Channel):
                 log.warning("channel %s: skipped an update without an update_id", self.name)
                 continue
             top = update_id if top is None else max(top, update_id)
-            if update_id not in self._seen:
-                work.append(self._take_one(update_id, raw))
+            if update_id in self._seen:
+                continue
+            if (upgrade := upgrade_in(raw)) is not None:  # before the new chat's messages are read
+                await self._upgraded(*upgrade)
+            work.append(self._take_one(update_id, raw))
         for outcome in await asyncio.gather(*work, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
@@ -216,6 +228,9 @@ class TelegramChannel(Channel):
                 await self.store.add_dead_letter(self.name, json.dumps(raw), f"malformed update: {detail}")
             found = None
         if isinstance(found, Message):
+            chat = found.thread_key or ""
+            if chat.startswith("-") and self.store is not None:  # a group: maybe upgraded from another
+                found.thread_key = await self.store.get_checkpoint(self._upgrade_key("from", chat)) or chat
             await self.sink(found)
         elif isinstance(found, Greeting):
             self._spawn(self._welcome(found))
@@ -276,6 +291,8 @@ class TelegramChannel(Channel):
             chat_id = int(conversation.thread_key)
         except ValueError:
             raise PermanentFailure(f"{conversation.thread_key!r} is not a Telegram chat id") from None
+        if chat_id < 0:  # a group: maybe upgraded since the conversation began
+            chat_id = int(await self.store.get_checkpoint(self._upgrade_key("to", str(chat_id))) or chat_id)
         pieces = split_text(message.text, self.max_text_length or 4096)
         if not pieces:
             raise PermanentFailure("the message text is empty")
@@ -296,12 +313,23 @@ class TelegramChannel(Channel):
         try:
             sent = await self._bot.send_message(chat_id, text, reply_parameters=reply)
         except ChatMigrated as exc:  # the group became a supergroup, with a new id
+            await self._upgraded(chat_id, exc.new_chat_id)
             sent = await call(self._bot.send_message(exc.new_chat_id, text))
         except TelegramError as exc:
             raise translate(exc) from None
         return f"{sent.chat.id}:{sent.message_id}"
 
     # -- plumbing --------------------------------------------------------
+
+    async def _upgraded(self, old: int, new: int) -> None:
+        """Note a group's upgrade both ways: its new id's messages thread on
+        the old one, and replies to the old one go to the new."""
+        if self.store is not None:
+            await self.store.put_checkpoint(self._upgrade_key("from", str(new)), str(old))
+            await self.store.put_checkpoint(self._upgrade_key("to", str(old)), str(new))
+
+    def _upgrade_key(self, direction: Literal["from", "to"], chat_id: str) -> str:
+        return f"telegram/{self.name}/upgraded-{direction}/{chat_id}"
 
     async def _ready(self) -> BotIdentity:
         """getMe, once: groups address the bot by its id and @username."""

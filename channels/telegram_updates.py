@@ -14,12 +14,16 @@ read and tested apart from the adapter's I/O (channels/telegram.py).
   message it changes in `edit_of`.
 - Photos, documents and other media are listed as attachments (file id or
   name, type, size); nothing is downloaded into the queue.
+- A group upgraded to a supergroup gets a new chat id; `upgrade_in` finds
+  the service message that says so, for the adapter to keep the old id as
+  the thread key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from telegram import Message as TgMessage
 from telegram import MessageEntity, Update
@@ -98,6 +102,22 @@ def read_update(update: Update, bot: BotIdentity, channel: str) -> Message | Gre
         thread_key=str(post.chat.id),
         references=[f"{post.chat.id}:{reply.message_id}"] if reply else [],
     )
+
+
+def upgrade_in(raw: dict[str, Any]) -> tuple[int, int] | None:
+    """(old id, new id) when this raw update is the service message of a
+    group's upgrade to a supergroup (sent in both chats). Read from the raw
+    update so the adapter can note it before it reads the rest of a batch."""
+    post = raw.get("message")
+    chat = post.get("chat") if isinstance(post, dict) else None
+    chat_id = chat.get("id") if isinstance(chat, dict) else None
+    if type(chat_id) is not int or not isinstance(post, dict):
+        return None
+    if type(new := post.get("migrate_to_chat_id")) is int:
+        return chat_id, new
+    if type(old := post.get("migrate_from_chat_id")) is int:
+        return old, chat_id
+    return None
 
 
 def addressed(post: TgMessage, bot: BotIdentity) -> bool:

@@ -25,7 +25,9 @@ delivery is retried after `retry_delay_s` rather than Telegram's minutes.
 
 Hooks: `fail()` injects errors (429 with retry_after, a 502 page from the
 proxy in front, 403, ...), `hold()` leaves a call unanswered (a request in
-flight when the client is killed), `block()` makes sendMessage answer "bot was
+flight when the client is killed), `migrate()` upgrades a group to a
+supergroup with a new id (the two service messages, and sendMessage to the
+old id refused with `migrate_to_chat_id`), `block()` makes sendMessage answer "bot was
 blocked by the user", `push_raw()` queues malformed updates, and
 `deliver_twice` sends every webhook update again after its 2xx, as Telegram
 does when it did not see the answer in time.
@@ -105,6 +107,7 @@ class BotAPI:
         self._update_ids = count(700_000)
         self._faults: dict[str, list[Fault | None]] = defaultdict(list)
         self._blocked: set[int] = set()
+        self._migrated: dict[int, int] = {}
         self._chats: dict[int, dict[str, Any]] = {}
         self._messages: dict[tuple[int, int], dict[str, Any]] = {}
         self._last_message_id: Counter[int] = Counter()
@@ -238,6 +241,22 @@ class BotAPI:
     def release(self) -> None:
         self._released.set()
 
+    def migrate(self, group: dict[str, Any], supergroup: dict[str, Any], by: dict[str, Any]) -> None:
+        """`by` upgrades `group` to `supergroup`: the bot reads a service
+        message in each, and the old id takes no more messages."""
+        self._migrated[group["id"]] = supergroup["id"]
+        for chat, field, value in (
+            (group, "migrate_to_chat_id", supergroup),
+            (supergroup, "migrate_from_chat_id", group),
+        ):
+            message = {
+                "message_id": self._new_message_id(chat),
+                "from": by,
+                "chat": chat,
+                "date": int(time.time()),
+            }
+            self._queue_update("message", message | {field: value["id"]})
+
     def block(self, user_id: int) -> None:
         self._blocked.add(user_id)
 
@@ -341,6 +360,9 @@ class BotAPI:
         chat = self._chats.get(_int(params, "chat_id") or 0)
         if chat is None:
             raise ApiError(400, "Bad Request: chat not found")
+        if chat["id"] in self._migrated:
+            upgraded = {"migrate_to_chat_id": self._migrated[chat["id"]]}
+            raise ApiError(400, "Bad Request: group chat was upgraded to a supergroup chat", upgraded)
         if chat["type"] == "private" and chat["id"] in self._blocked:
             raise ApiError(403, "Forbidden: bot was blocked by the user")
         text = params.get("text")

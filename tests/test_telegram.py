@@ -642,6 +642,37 @@ async def test_edits_start_groups_and_a_blocked_user(start_router, api: BotAPI) 
     assert conversation.category.value == "security"
 
 
+async def test_a_group_upgraded_to_a_supergroup_keeps_its_conversation(start_router, api: BotAPI) -> None:
+    """Telegram gives an upgraded group a new id: its members' next messages
+    join the conversation they had (no second ticket, no second ack) and the
+    agent's reply goes straight to the supergroup, answering them there."""
+    router = await start_router("polling")
+    dana = BotAPI.user(105, "Dana")
+    group, supergroup = {"id": -4001, "type": "group", "title": "Traders"}, BotAPI.group(-1004001, "Traders")
+    api.say(dana, "@acme_support_bot my deposit is missing", chat=group)
+    await eventually(lambda: len(api.sent) == 1, "the ack in the group")
+    api.migrate(group, supergroup, dana)
+    later = api.say(dana, "@acme_support_bot still missing", chat=supergroup)
+
+    async def joined() -> bool:
+        found = await conversations(router)
+        return sum(len(messages) for _, messages in found.values()) >= 3 and not api.pending
+
+    await eventually(joined, "the message in the supergroup handled")
+    found = await conversations(router)
+    assert list(found) == ["-4001"], "one conversation for the group, under either id"
+    conversation, messages = found["-4001"]
+    assert [m.text for m in messages if m.direction is Direction.IN][-1] == "@acme_support_bot still missing"
+    status, _ = await router.api(
+        "POST", f"/api/v1/conversations/{conversation.ref}/messages", {"text": "Found it."}
+    )
+    assert status == 202
+    await eventually(lambda: api.sent_to(supergroup["id"]), "the reply in the supergroup")
+    [reply] = api.sent_to(supergroup["id"])
+    assert reply["text"] == "Found it." and reply["reply_to_message"]["message_id"] == later["message_id"]
+    assert len(api.sent) == 2, "one ack in all"
+
+
 # -- the daemon as a real process -----------------------------------------------------
 
 
