@@ -284,25 +284,25 @@ class TelegramChannel(Channel):
         out: the ids of those sent are in the store under the message id,
         put after each piece and kept once all are out (a redelivery of a
         reply sent in full sends nothing). A one-piece reply keeps no record:
-        its retry is the outbox's usual at-least-once."""
-        if self.store is None:
-            raise RuntimeError(f"channel {self.name}: no store bound to record a long reply's progress")
+        its retry is the outbox's usual at-least-once; so does a channel
+        with no store bound (only the daemon's outbox sends for real)."""
         try:
             chat_id = int(conversation.thread_key)
         except ValueError:
             raise PermanentFailure(f"{conversation.thread_key!r} is not a Telegram chat id") from None
-        if chat_id < 0:  # a group: maybe upgraded since the conversation began
+        if chat_id < 0 and self.store is not None:  # a group: maybe upgraded since the conversation began
             chat_id = int(await self.store.get_checkpoint(self._upgrade_key("to", str(chat_id))) or chat_id)
         pieces = split_text(message.text, self.max_text_length or 4096)
         if not pieces:
             raise PermanentFailure("the message text is empty")
         key = f"telegram/{self.name}/pieces/{message.id}"
-        sent = (await self.store.get_checkpoint(key) or "").split() if len(pieces) > 1 else []
+        store = self.store if len(pieces) > 1 else None
+        sent = (await store.get_checkpoint(key) or "").split() if store is not None else []
         for piece in pieces[len(sent) :]:
             reply_to = None if sent else _message_id_in(message.in_reply_to, chat_id)
             sent.append(await self._send_text(chat_id, piece, reply_to))
-            if len(pieces) > 1:
-                await self.store.put_checkpoint(key, " ".join(sent))
+            if store is not None:
+                await store.put_checkpoint(key, " ".join(sent))
         return sent[0]
 
     async def _send_text(self, chat_id: int, text: str, reply_to: int | None) -> str:
