@@ -57,6 +57,19 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` on a free loopback port, for the test's duration; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    sock = free_socket()
+    await web.SockSite(runner, sock).start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def redirecting(target: str) -> AsyncIterator[str]:
     """A URL on loopback that answers every GET and POST with a redirect to `target`."""
 
@@ -65,14 +78,8 @@ async def redirecting(target: str) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_route("*", "/moved", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    await web.SockSite(runner, sock).start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/moved"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield f"{base}/moved"
 
 
 def signed_headers(body: bytes, secret: str = SECRET, timestamp: int | None = None) -> dict[str, str]:
@@ -127,18 +134,20 @@ class Receiver:
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
+    async with receiving() as rec:
+        yield rec
+
+
+@contextlib.asynccontextmanager
+async def receiving() -> AsyncIterator[Receiver]:
+    """A reply_url receiver on loopback (POST takes, GET answers "reachable")."""
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/replies", rec.handle)
     app.router.add_get("/replies", rec.reachable)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    site = web.SockSite(runner, sock)
-    await site.start()
-    rec.url = f"http://127.0.0.1:{sock.getsockname()[1]}/replies"
-    yield rec
-    await runner.cleanup()
+    async with serving(app) as base:
+        rec.url = f"{base}/replies"
+        yield rec
 
 
 def write_config(directory: Path, reply_url: str | None, extra: str = "", secret: str = SECRET) -> Path:

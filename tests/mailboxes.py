@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from channels.email import EmailChannel, EmailSettings
+from router.model import Conversation, Delivery, Direction, Kind, Message, Party, utcnow
 from router.store.sqlite import SQLiteStore
 from tests.services import Dovecot
 
@@ -82,3 +83,22 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     await opened.open()
     yield opened
     await opened.close()
+
+
+def agent_reply(
+    to: str, *, name: str = "Ann", subject: str = "Question 1", text: str = "Hello Ann"
+) -> tuple[Message, Conversation]:
+    """An agent's reply to a customer at `to`, and its conversation, as the
+    outbox hands them to the email channel's `send`."""
+    now = utcnow()
+    customer = Party(id=to, name=name, address=to)
+    conversation = Conversation(
+        id="c_1", channel="mail", customer=customer, thread_key="<q1@example.org>", created_at=now,
+        last_message_at=now, ref="T-000001", subject=subject,
+    )  # fmt: skip
+    message = Message(
+        id="m_reply_1", channel="mail", channel_type="email", direction=Direction.OUT, kind=Kind.AGENT,
+        external_id="m_reply_1", sender=Party(id="admin"), text=text, received_at=now,
+        conversation_id="c_1", recipient=customer, in_reply_to="<q1@example.org>", delivery=Delivery(),
+    )  # fmt: skip
+    return message, conversation

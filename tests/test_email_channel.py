@@ -27,10 +27,10 @@ from router import config as configuration
 from router import pollers
 from router.daemon import Daemon
 from router.errors import PermanentFailure, TemporaryFailure
-from router.model import Accepted, Conversation, Delivery, Direction, InboxQuery, Kind, Message, Party, utcnow
+from router.model import Accepted, Conversation, InboxQuery, Kind, Message
 from router.store.sqlite import SQLiteStore
 from tests.conftest import free_socket, write_config
-from tests.mailboxes import Box
+from tests.mailboxes import Box, agent_reply
 from tests.services import Dovecot, SMTPPeer, free_port
 
 
@@ -291,36 +291,21 @@ async def test_a_dovecot_restart_is_survived(dovecot: Dovecot, store: SQLiteStor
 # -- sending ---------------------------------------------------------------------------
 
 
-def _reply(to: str) -> tuple[Message, Conversation]:
-    now = utcnow()
-    customer = Party(id=to, name="Ann", address=to)
-    conversation = Conversation(
-        id="c_1", channel="mail", customer=customer, thread_key="<q1@example.org>", created_at=now,
-        last_message_at=now, ref="T-000001", subject="Question 1",
-    )  # fmt: skip
-    message = Message(
-        id="m_reply_1", channel="mail", channel_type="email", direction=Direction.OUT, kind=Kind.AGENT,
-        external_id="m_reply_1", sender=Party(id="admin"), text="Hello Ann", received_at=now,
-        conversation_id="c_1", recipient=customer, in_reply_to="<q1@example.org>", delivery=Delivery(),
-    )  # fmt: skip
-    return message, conversation
-
-
 async def test_sending_translates_smtp_answers(box: Box, smtp_peer: SMTPPeer, tmp_path: Path) -> None:
     mail = box.channel(smtp_peer.port, tmp_path)
-    assert await mail.send(*_reply("ann@example.org")) == "<m_reply_1@example.com>"
+    assert await mail.send(*agent_reply("ann@example.org")) == "<m_reply_1@example.com>"
     [received] = smtp_peer.to("ann@example.org")
     assert received.mail_from == "support@example.com"
     assert received.message["In-Reply-To"] == "<q1@example.org>"
     smtp_peer.reject["gone@example.org"] = "550 5.1.1 <gone@example.org>: no such user"
     smtp_peer.reject["busy@example.org"] = "451 4.3.0 mailbox busy, try later"
     with pytest.raises(PermanentFailure, match=r"550 5\.1\.1 <gone@example\.org>: no such user"):
-        await mail.send(*_reply("gone@example.org"))
+        await mail.send(*agent_reply("gone@example.org"))
     with pytest.raises(TemporaryFailure, match=r"451 4\.3\.0 mailbox busy"):
-        await mail.send(*_reply("busy@example.org"))
+        await mail.send(*agent_reply("busy@example.org"))
     unreachable = box.channel(free_port(), tmp_path)
     with pytest.raises(TemporaryFailure, match=r"SMTP 127\.0\.0\.1"):
-        await unreachable.send(*_reply("ann@example.org"))
+        await unreachable.send(*agent_reply("ann@example.org"))
 
 
 # -- end to end, with the daemon ----------------------------------------------------------------

@@ -18,28 +18,16 @@ import pytest
 from router import config as configuration
 from router.daemon import Daemon
 from router.errors import PermanentFailure
-from router.model import Conversation, Delivery, Direction, InboxQuery, Kind, Message, Party, utcnow
+from router.model import Conversation, InboxQuery, Kind, Message
 from tests.conftest import free_socket, write_config
-from tests.mailboxes import Box
+from tests.mailboxes import Box, agent_reply
 from tests.services import Received, SMTPPeer, free_port
 
 OURS = "Example Support <support@example.com>"
 
 
-def _reply(to: str) -> tuple[Message, Conversation]:
-    """An agent reply to a customer at `to`, as the outbox hands it over."""
-    now = utcnow()
-    customer = Party(id=to.lower(), name="Ann Núñez", address=to)
-    conversation = Conversation(
-        id="c_1", channel="mail", customer=customer, thread_key="<q1@example.org>", created_at=now,
-        last_message_at=now, ref="T-000001", subject="Pregunta",
-    )  # fmt: skip
-    message = Message(
-        id="m_reply_1", channel="mail", channel_type="email", direction=Direction.OUT, kind=Kind.AGENT,
-        external_id="m_reply_1", sender=Party(id="admin"), text="Hola Ann", received_at=now,
-        conversation_id="c_1", recipient=customer, in_reply_to="<q1@example.org>", delivery=Delivery(),
-    )  # fmt: skip
-    return message, conversation
+def _reply_in_spanish(to: str) -> tuple[Message, Conversation]:
+    return agent_reply(to, name="Ann Núñez", subject="Pregunta", text="Hola Ann")
 
 
 def _read(received: Received) -> EmailMessage:
@@ -78,7 +66,7 @@ async def test_a_server_offering_smtputf8_delivers_to_non_ascii_addresses(
     box: Box, smtputf8_peer: SMTPPeer, tmp_path: Path, written: str, envelope: str
 ) -> None:
     mail = box.channel(smtputf8_peer.port, tmp_path)
-    assert await mail.send(*_reply(written)) == "<m_reply_1@example.com>"
+    assert await mail.send(*_reply_in_spanish(written)) == "<m_reply_1@example.com>"
     _assert_our_headers_are_valid(smtputf8_peer, envelope)
 
 
@@ -86,7 +74,7 @@ async def test_an_idn_domain_goes_as_its_a_label_to_a_server_without_smtputf8(
     box: Box, smtp_peer: SMTPPeer, tmp_path: Path
 ) -> None:
     mail = box.channel(smtp_peer.port, tmp_path)
-    await mail.send(*_reply("user@bücher.de"))
+    await mail.send(*_reply_in_spanish("user@bücher.de"))
     _assert_our_headers_are_valid(smtp_peer, "user@xn--bcher-kva.de")
     head = smtp_peer.received[0].data.partition(b"\r\n\r\n")[0]
     assert head.isascii()
@@ -98,7 +86,7 @@ async def test_an_address_needing_smtputf8_fails_for_good_when_the_server_lacks_
 ) -> None:
     mail = box.channel(smtp_peer.port, tmp_path)
     with pytest.raises(PermanentFailure, match=rf"{smtp_peer.port} does not offer SMTPUTF8.*{written}"):
-        await mail.send(*_reply(written))
+        await mail.send(*_reply_in_spanish(written))
     assert smtp_peer.received == []
 
 
@@ -118,7 +106,7 @@ async def test_a_malformed_address_is_refused_for_good_without_connecting(
 ) -> None:
     mail = box.channel(free_port(), tmp_path)  # nobody listens: connecting would be a TemporaryFailure
     with pytest.raises(PermanentFailure, match="invalid recipient address"):
-        await mail.send(*_reply(written))
+        await mail.send(*_reply_in_spanish(written))
 
 
 def _rfc6532_mail(sender: str, message_id: str, subject: str, text: str, in_reply_to: str = "") -> bytes:

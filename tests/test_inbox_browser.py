@@ -20,7 +20,6 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 from router import agents
@@ -28,7 +27,7 @@ from router import config as configuration
 from router.daemon import Daemon
 from router.model import Direction, Event, Kind, Message, Party, new_id, utcnow
 from router.web import api, inbox
-from tests.conftest import Receiver, Running, free_socket, write_config
+from tests.conftest import Receiver, Running, free_socket, receiving, write_config
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,17 +68,8 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest_asyncio.fixture(loop_scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
     """conftest's reply_url receiver, run in this module's loop."""
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/replies", rec.handle)
-    app.router.add_get("/replies", rec.reachable)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    await web.SockSite(runner, sock).start()
-    rec.url = f"http://127.0.0.1:{sock.getsockname()[1]}/replies"
-    yield rec
-    await runner.cleanup()
+    async with receiving() as rec:
+        yield rec
 
 
 @pytest_asyncio.fixture(loop_scope="module")

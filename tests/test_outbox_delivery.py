@@ -27,7 +27,7 @@ from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
 from tests.botapi import TOKEN, BotAPI
-from tests.conftest import Running, customer_message, free_socket, write_config
+from tests.conftest import Running, customer_message, free_socket, serving, write_config
 from tests.test_telegram import telegram_config
 
 
@@ -53,13 +53,9 @@ async def answering() -> AsyncIterator[Answering]:
     peer = Answering()
     app = web.Application()
     app.router.add_post("/replies", peer.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = free_socket()
-    await web.SockSite(runner, sock).start()
-    peer.url = f"http://127.0.0.1:{sock.getsockname()[1]}/replies"
-    yield peer
-    await runner.cleanup()
+    async with serving(app) as base:
+        peer.url = f"{base}/replies"
+        yield peer
 
 
 async def until(check: Callable[[], bool], within_s: float = 10.0) -> None:
