@@ -41,11 +41,12 @@ class Outbox:
         channels: dict[str, Channel],
         clock: Callable[[], datetime] = utcnow,
         consumer: str = "outbox",
-        visibility_s: float = VISIBILITY_S,
+        visibility_s: float | None = None,
     ) -> None:
         self.store = store
         self.consumer = consumer
-        self.visibility_s = visibility_s
+        # Read when built, not when defined: tests/scale_daemon.py shortens VISIBILITY_S.
+        self.visibility_s = VISIBILITY_S if visibility_s is None else visibility_s
         self.channels = channels
         self.max_attempts = config.settings.outbox.max_attempts
         self.backoff_max = parse_duration(config.settings.outbox.backoff_max)
