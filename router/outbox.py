@@ -84,7 +84,14 @@ class Outbox:
         for message in batch:  # oldest first, as claimed
             by_conversation.setdefault(message.conversation_id or message.id, []).append(message)
         turns = (self._deliver_in_turn(messages, deadline) for messages in by_conversation.values())
-        return sum(await asyncio.gather(*turns))
+        # Every conversation's turn ends before a failure (the store down while
+        # recording an outcome) is raised: the restarted loop takes its own
+        # claims back at once, and would send again what was still in flight.
+        tried = await asyncio.gather(*turns, return_exceptions=True)
+        for outcome in tried:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(n for n in tried if isinstance(n, int))
 
     async def _deliver_in_turn(self, messages: list[Message], deadline: float) -> int:
         """One conversation's messages one after another, oldest first: the

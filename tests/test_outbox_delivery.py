@@ -22,7 +22,8 @@ from router import config as configuration
 from router.acks import Templates
 from router.daemon import Daemon
 from router.desk import Desk
-from router.model import Delivery, DeliveryStatus, InboxQuery, Role, parse_time, utcnow
+from router.errors import StoreError
+from router.model import Delivery, DeliveryStatus, InboxQuery, Message, Role, parse_time, utcnow
 from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
@@ -241,6 +242,59 @@ async def test_a_slow_receiver_never_gets_a_reply_twice_from_two_daemons(
         await asyncio.gather(keep_sending(first, 2.5), keep_sending(second, 2.5))
         assert [post["text"] for post in answering.posts][1:] == [reply.text for reply in replies]
         assert len(answering.posts) == 4
+    finally:
+        await web_channel.close()
+        await store.close()
+
+
+class ForgetfulStore(SQLiteStore):
+    """The real store, failing to record one message's outcome (the store
+    went away for a moment, mid-batch)."""
+
+    refuse = ""
+
+    async def record_delivery(self, message_id: str, delivery: Delivery) -> Message:
+        if message_id == self.refuse:
+            self.refuse = ""
+            raise StoreError("the store went away")
+        return await super().record_delivery(message_id, delivery)
+
+
+async def test_a_store_hiccup_mid_batch_does_not_send_the_rest_of_the_batch_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answering: Answering
+) -> None:
+    """One outcome that could not be recorded fails the batch, and the
+    restarted loop takes its claims back at once. Before, the failure was
+    raised while another conversation's reply was still on its way, so the
+    restart sent that reply again; now the batch ends first, and only the
+    message whose outcome was lost goes again (with the same delivery id)."""
+    monkeypatch.chdir(tmp_path)
+    config = configuration.load(str(write_config(tmp_path, answering.url)))
+    store = ForgetfulStore(config.settings.store.url)
+    await store.open()
+    options = WebhookChannel.Settings.model_validate(config.settings.channels[0].options)
+    web_channel = WebhookChannel("web", options, tmp_path)
+    answering.delay_s = 0.3
+    try:
+        pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
+        for sender in ("u-1", "u-2"):
+            await pipeline.accept(customer_message("what is the fee?", sender))
+        await pipeline.drain()
+        by_customer = {c.customer.id: c for c in (await store.list_conversations(InboxQuery())).conversations}
+        await agents.create(store, "bob", ["support"], Role.AGENT)
+        bob = await store.get_agent("bob")
+        assert bob is not None
+        reply = await Desk(store, config).reply(by_customer["u-1"].ref, bob, "It is 0.0002 BTC.")
+        [_, lost] = await store.conversation_messages(by_customer["u-2"].id)  # the customer's, the ack
+        store.refuse = lost.id
+        outbox = Outbox(store, config, {"web": web_channel})
+        with pytest.raises(StoreError):
+            await outbox.deliver_due()
+        await outbox.deliver_due()
+        posted = [post["id"] for post in answering.posts]
+        assert posted.count(reply.id) == 1, "the reply in flight was sent again"
+        assert posted.count(lost.id) == 2, "at least once: the send whose outcome was lost goes again"
+        assert len(posted) == 4
     finally:
         await web_channel.close()
         await store.close()
