@@ -4,8 +4,10 @@ answers do to the number of sends and to the reply's final status."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -23,7 +25,17 @@ from router.acks import Templates
 from router.daemon import Daemon
 from router.desk import Desk
 from router.errors import StoreError
-from router.model import Delivery, DeliveryStatus, InboxQuery, Message, Role, parse_time, utcnow
+from router.model import (
+    Agent,
+    Conversation,
+    Delivery,
+    DeliveryStatus,
+    InboxQuery,
+    Message,
+    Role,
+    parse_time,
+    utcnow,
+)
 from router.outbox import Outbox
 from router.pipeline import Pipeline
 from router.store.sqlite import SQLiteStore
@@ -204,6 +216,47 @@ async def test_a_retry_after_given_as_a_date_is_waited_for(start_daemon, answeri
     assert parse_time(delivery["next_attempt_at"]) >= back_at.replace(microsecond=0)
 
 
+@dataclass
+class PushDesk:
+    """A desk whose `web` channel pushes to `answering`: customers' messages
+    handled (their acks queued), and agent bob to reply."""
+
+    config: configuration.Config
+    store: SQLiteStore
+    channel: WebhookChannel
+    bob: Agent
+
+    async def conversations(self) -> dict[str, Conversation]:
+        listed = (await self.store.list_conversations(InboxQuery(status=None))).conversations
+        return {c.customer.id: c for c in listed}
+
+    async def reply(self, conversation: Conversation, text: str) -> Message:
+        return await Desk(self.store, self.config).reply(conversation.ref, self.bob, text)
+
+
+@contextlib.asynccontextmanager
+async def push_desk(
+    tmp_path: Path, answering: Answering, senders: list[str], store_type: type[SQLiteStore] = SQLiteStore
+) -> AsyncIterator[PushDesk]:
+    config = configuration.load(str(write_config(tmp_path, answering.url)))
+    store = store_type(config.settings.store.url)
+    await store.open()
+    options = WebhookChannel.Settings.model_validate(config.settings.channels[0].options)
+    channel = WebhookChannel("web", options, tmp_path)
+    try:
+        pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
+        for sender in senders:
+            await pipeline.accept(customer_message("what is the fee?", sender))
+        await pipeline.drain()
+        await agents.create(store, "bob", ["support"], Role.AGENT)
+        bob = await store.get_agent("bob")
+        assert bob is not None
+        yield PushDesk(config, store, channel, bob)
+    finally:
+        await channel.close()
+        await store.close()
+
+
 async def test_a_slow_receiver_never_gets_a_reply_twice_from_two_daemons(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answering: Answering
 ) -> None:
@@ -212,24 +265,13 @@ async def test_a_slow_receiver_never_gets_a_reply_twice_from_two_daemons(
     second Outbox on the same store) would take the claim over and send the
     same reply too."""
     monkeypatch.chdir(tmp_path)
-    config = configuration.load(str(write_config(tmp_path, answering.url)))
-    store = SQLiteStore(config.settings.store.url)
-    await store.open()
-    options = WebhookChannel.Settings.model_validate(config.settings.channels[0].options)
-    web_channel = WebhookChannel("web", options, tmp_path)
-    pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
     answering.delay_s = 0.3
-    try:
-        await pipeline.accept(customer_message("what is the fee?", "u-1"))
-        await pipeline.drain()
-        [conversation] = (await store.list_conversations(InboxQuery(status=None))).conversations
-        await agents.create(store, "bob", ["support"], Role.AGENT)
-        bob = await store.get_agent("bob")
-        assert bob is not None
-        replies = [await Desk(store, config).reply(conversation.ref, bob, f"Reply {n}.") for n in range(3)]
+    async with push_desk(tmp_path, answering, ["u-1"]) as desk:
+        conversation = (await desk.conversations())["u-1"]
+        replies = [await desk.reply(conversation, f"Reply {n}.") for n in range(3)]
+        channels = {"web": desk.channel}
         first, second = (
-            Outbox(store, config, {"web": web_channel}, consumer=name, visibility_s=1.0)
-            for name in ("a", "b")
+            Outbox(desk.store, desk.config, channels, consumer=c, visibility_s=1.0) for c in "ab"
         )
 
         async def keep_sending(outbox: Outbox, for_s: float) -> None:
@@ -242,9 +284,6 @@ async def test_a_slow_receiver_never_gets_a_reply_twice_from_two_daemons(
         await asyncio.gather(keep_sending(first, 2.5), keep_sending(second, 2.5))
         assert [post["text"] for post in answering.posts][1:] == [reply.text for reply in replies]
         assert len(answering.posts) == 4
-    finally:
-        await web_channel.close()
-        await store.close()
 
 
 class ForgetfulStore(SQLiteStore):
@@ -269,25 +308,14 @@ async def test_a_store_hiccup_mid_batch_does_not_send_the_rest_of_the_batch_twic
     restart sent that reply again; now the batch ends first, and only the
     message whose outcome was lost goes again (with the same delivery id)."""
     monkeypatch.chdir(tmp_path)
-    config = configuration.load(str(write_config(tmp_path, answering.url)))
-    store = ForgetfulStore(config.settings.store.url)
-    await store.open()
-    options = WebhookChannel.Settings.model_validate(config.settings.channels[0].options)
-    web_channel = WebhookChannel("web", options, tmp_path)
     answering.delay_s = 0.3
-    try:
-        pipeline = Pipeline(store, config, triage.load_rules(), Templates(None))
-        for sender in ("u-1", "u-2"):
-            await pipeline.accept(customer_message("what is the fee?", sender))
-        await pipeline.drain()
-        by_customer = {c.customer.id: c for c in (await store.list_conversations(InboxQuery())).conversations}
-        await agents.create(store, "bob", ["support"], Role.AGENT)
-        bob = await store.get_agent("bob")
-        assert bob is not None
-        reply = await Desk(store, config).reply(by_customer["u-1"].ref, bob, "It is 0.0002 BTC.")
-        [_, lost] = await store.conversation_messages(by_customer["u-2"].id)  # the customer's, the ack
-        store.refuse = lost.id
-        outbox = Outbox(store, config, {"web": web_channel})
+    async with push_desk(tmp_path, answering, ["u-1", "u-2"], ForgetfulStore) as desk:
+        by_customer = await desk.conversations()
+        reply = await desk.reply(by_customer["u-1"], "It is 0.0002 BTC.")
+        [_, lost] = await desk.store.conversation_messages(by_customer["u-2"].id)  # the customer's, the ack
+        assert isinstance(desk.store, ForgetfulStore)
+        desk.store.refuse = lost.id
+        outbox = Outbox(desk.store, desk.config, {"web": desk.channel})
         with pytest.raises(StoreError):
             await outbox.deliver_due()
         await outbox.deliver_due()
@@ -295,6 +323,3 @@ async def test_a_store_hiccup_mid_batch_does_not_send_the_rest_of_the_batch_twic
         assert posted.count(reply.id) == 1, "the reply in flight was sent again"
         assert posted.count(lost.id) == 2, "at least once: the send whose outcome was lost goes again"
         assert len(posted) == 4
-    finally:
-        await web_channel.close()
-        await store.close()
