@@ -18,19 +18,16 @@ import pytest
 from router.conversations import start
 from router.model import (
     Agent,
-    Direction,
     Event,
     InboxQuery,
-    Kind,
-    Message,
     Party,
     Presence,
     Status,
     Urgency,
-    new_id,
 )
 from router.settings import SLAConfig
 from router.store.redis import RedisStore
+from tests.conftest import customer_message
 
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -133,19 +130,9 @@ async def test_joining_moves_the_inbox_entry_only_when_urgency_rises(
 
 
 async def _threaded(store: RedisStore, urgency: Urgency, at: datetime):
-    message = Message(
-        id=new_id("m"),
-        channel="web",
-        channel_type="webhook",
-        direction=Direction.IN,
-        kind=Kind.CUSTOMER,
-        external_id=new_id("x"),
-        sender=Party(id="cust-1", name="Ann / Ü"),
-        text=f'{urgency.value} "quoted" \\ text',
-        received_at=at,
-        thread_key="cust-1",
-        urgency=urgency,
-    )
+    # Quotes, a backslash and a slash: text the store's scripts must carry through untouched.
+    message = customer_message(f'{urgency.value} "quoted" \\ text', "cust-1", at=at, urgency=urgency)
+    message.sender = Party(id="cust-1", name="Ann / Ü")
     await store.enqueue_inbound(message)
     threaded = await store.thread_message(message, start(message, "cust-1", "support", at, SLAConfig()))
     return threaded.conversation
