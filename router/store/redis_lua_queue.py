@@ -101,9 +101,10 @@ local function take(stream, ids)
   for _, id in ipairs(ids) do
     local entry = redis.call('XRANGE', stream, id, id)
     local m = entry[1] and P .. ':m:' .. entry[1][2][2]
-    if m and redis.call('EXISTS', m) == 1 then
+    local data = m and redis.call('HGETALL', m)
+    if data and #data > 0 then
       redis.call('HINCRBY', m, 'a', 1)
-      out[#out + 1] = redis.call('HGETALL', m)
+      out[#out + 1] = data
     else
       drop(stream, id)
     end
